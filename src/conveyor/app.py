@@ -1,0 +1,313 @@
+"""``Conveyor``: the task registry and the one facade that the API, the CLI and workers use."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, ParamSpec, Self, TypeVar, overload
+
+from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
+from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError
+from conveyor.jobs import Job, JobFilter, JobState, NewJob, Page, QueueStats
+from conveyor.settings import Settings, load_settings
+from conveyor.storage import Store, open_store
+from conveyor.tasks import EnqueueOptions, Task, TaskOptions
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_NAME_LENGTH = 255
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Conveyor:
+    """A Conveyor application: its settings, its tasks, and its connection to the database.
+
+    ``Conveyor()`` reads ``CONVEYOR_*`` environment variables (and ``.env``); keyword arguments
+    override them, e.g. ``Conveyor(database_url="sqlite:///jobs.db")``. Nothing connects until
+    the first call that needs the database; ``async with app:`` or ``await app.close()`` ends it.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = settings if settings is not None else load_settings(**overrides)
+        self.clock: Callable[[], datetime] = utcnow
+        self._tasks: dict[str, Task[..., Any]] = {}
+        self._store: Store | None = None
+        self._store_loop: asyncio.AbstractEventLoop | None = None
+        self._store_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<Conveyor {self.settings.database_url} tasks={len(self._tasks)}>"
+
+    # -- tasks --------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+        backoff: BackoffFunction = DEFAULT_BACKOFF,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | timedelta | None = None,
+        cpu: bool = False,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+        backoff: BackoffFunction = DEFAULT_BACKOFF,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | timedelta | None = None,
+        cpu: bool = False,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task: ``async def`` runs on the event loop, plain ``def`` in a
+        thread, and ``cpu=True`` in a process pool.
+
+        ``retry_on`` limits which exceptions are retried (``PermanentError`` never is);
+        ``backoff`` maps the failed attempt's number to seconds before the next.
+        """
+        timeout_seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        retry_types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+
+        def register(function: Callable[P, R]) -> Task[P, R]:
+            task_name = name or getattr(function, "__name__", None)
+            problems = _option_problems(queue=queue, max_attempts=max_attempts, timeout=timeout_seconds)
+            if not task_name or len(task_name) > MAX_NAME_LENGTH:
+                problems.append(f"name must be 1 to {MAX_NAME_LENGTH} characters")
+            if task_name in self._tasks:
+                existing = self._tasks[task_name]
+                problems.append(
+                    f"the name {task_name!r} is taken by {existing.__module__}.{existing.__qualname__}; "
+                    "pass name=... to tell them apart"
+                )
+            if cpu and inspect.iscoroutinefunction(function):
+                problems.append("cpu=True runs the function in another process: it must be a plain def")
+            if cpu and "<locals>" in getattr(function, "__qualname__", ""):
+                problems.append("cpu=True tasks must be defined at module level, so another process can import them")
+            if problems:
+                raise TypeError(f"cannot register task {task_name!r}: " + "; ".join(problems))
+            options = TaskOptions(
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout_seconds,
+                backoff=backoff,
+                retry_on=retry_types,
+                cpu=cpu,
+            )
+            registered = Task(self, function, str(task_name), options)
+            self._tasks[registered.name] = registered
+            return registered
+
+        return register(fn) if fn is not None else register
+
+    @property
+    def tasks(self) -> Mapping[str, Task[..., Any]]:
+        return dict(self._tasks)
+
+    def get_task(self, name: str) -> Task[..., Any]:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTaskError(name, list(self._tasks)) from None
+
+    # -- the store ----------------------------------------------------------------------
+
+    async def store(self) -> Store:
+        """The store, opened (and migrated, where allowed) on first use in this event loop."""
+        loop = asyncio.get_running_loop()
+        if self._store is not None and self._store_loop is loop:
+            return self._store
+        if self._store_lock is None or self._store_loop is not loop:
+            # A store is bound to the loop that opened it; a new loop (another asyncio.run)
+            # gets its own rather than touching connections owned by a finished loop.
+            self._store, self._store_loop, self._store_lock = None, loop, asyncio.Lock()
+        async with self._store_lock:
+            if self._store is None:
+                self._store = await open_store(self.settings)
+            return self._store
+
+    async def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None and self._store_loop is asyncio.get_running_loop():
+            await store.close()
+
+    async def __aenter__(self) -> Self:
+        await self.store()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- enqueueing ---------------------------------------------------------------------
+
+    def new_job(
+        self, task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], options: EnqueueOptions
+    ) -> NewJob:
+        """Check a job against its task and return it ready to store; raise with every problem."""
+        problems: list[str] = []
+        try:
+            json_args, json_kwargs = task.to_json_arguments(args, kwargs)
+        except TaskArgumentsError as exc:
+            problems.extend(exc.problems)
+            json_args, json_kwargs = [], {}
+        delay = options.delay.total_seconds() if isinstance(options.delay, timedelta) else options.delay
+        problems.extend(
+            _option_problems(
+                queue=options.queue,
+                max_attempts=options.max_attempts,
+                timeout=options.timeout,
+                delay=delay,
+                run_at=options.run_at,
+                idempotency_key=options.idempotency_key,
+                correlation_id=options.correlation_id,
+            )
+        )
+        if problems:
+            raise TaskArgumentsError(f"cannot enqueue task {task.name!r}", problems)
+        run_at = options.run_at
+        if delay:
+            run_at = self.clock() + timedelta(seconds=delay)
+        return NewJob(
+            task=task.name,
+            args=json_args,
+            kwargs=json_kwargs,
+            queue=options.queue or task.options.queue,
+            priority=options.priority if options.priority is not None else task.options.priority,
+            max_attempts=options.max_attempts or task.options.max_attempts or self.settings.max_attempts,
+            run_at=run_at,
+            timeout_seconds=options.timeout if options.timeout is not None else task.options.timeout,
+            idempotency_key=options.idempotency_key,
+            correlation_id=options.correlation_id,
+        )
+
+    async def enqueue_new(self, new: NewJob, *, connection: Any = None) -> Job:
+        (job,) = await self.enqueue_many([new], connection=connection)
+        return job
+
+    async def enqueue(
+        self,
+        task: str | Task[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        connection: Any = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue by task name (or task) with explicit args/kwargs and options (see ``Task.using``)."""
+        found = task if isinstance(task, Task) else self.get_task(task)
+        new = self.new_job(found, args, kwargs or {}, EnqueueOptions(**options))
+        return await self.enqueue_new(new, connection=connection)
+
+    async def enqueue_many(self, jobs: Iterable[NewJob], *, connection: Any = None) -> list[Job]:
+        """Store many checked jobs (from ``task.job(...)``) in one transaction."""
+        batch = list(jobs)
+        for new in batch:
+            self.get_task(new.task)
+        store = await self.store()
+        return await store.insert_jobs(batch, now=self.clock(), connection=connection)
+
+    # -- reading and operating ------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job:
+        job = await (await self.store()).get_job(job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        return job
+
+    async def wait_for_job(self, job_id: str, *, timeout: float | None = None, poll: float = 0.05) -> Job:
+        """The job once it has finished, or as it is when ``timeout`` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            job = await self.get_job(job_id)
+            if job.finished or (deadline is not None and loop.time() >= deadline):
+                return job
+            pause = poll if deadline is None else min(poll, max(deadline - loop.time(), 0))
+            await asyncio.sleep(pause)
+            poll = min(poll * 1.5, 1.0)
+
+    async def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState | str] = (),
+        queue: str | None = None,
+        task: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        job_filter = JobFilter(
+            states=tuple(JobState(state) for state in states),
+            queue=queue,
+            task=task,
+            created_after=created_after,
+            created_before=created_before,
+        )
+        return await (await self.store()).list_jobs(job_filter, cursor=cursor, limit=limit)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return await (await self.store()).cancel_job(job_id, now=self.clock())
+
+    async def retry_job(self, job_id: str) -> Job:
+        """Queue a dead or cancelled job again (a dead-letter replay)."""
+        return await (await self.store()).retry_job(job_id, now=self.clock())
+
+    async def queue_stats(self) -> list[QueueStats]:
+        return await (await self.store()).queue_stats()
+
+    async def prune(self, older_than: float | timedelta) -> int:
+        """Delete finished jobs that finished more than ``older_than`` (seconds) ago."""
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        cutoff = self.clock() - timedelta(seconds=seconds)
+        return await (await self.store()).prune_jobs(finished_before=cutoff)
+
+
+def _option_problems(
+    *,
+    queue: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    delay: float | None = None,
+    run_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    correlation_id: str | None = None,
+) -> list[str]:
+    problems = []
+    if queue is not None and not 0 < len(queue) <= MAX_NAME_LENGTH:
+        problems.append(f"queue must be 1 to {MAX_NAME_LENGTH} characters")
+    if max_attempts is not None and max_attempts < 1:
+        problems.append(f"max_attempts must be at least 1, not {max_attempts}")
+    if timeout is not None and timeout <= 0:
+        problems.append(f"timeout must be positive, not {timeout}")
+    if delay is not None and delay < 0:
+        problems.append(f"delay must not be negative, not {delay}")
+    if delay is not None and run_at is not None:
+        problems.append("give delay or run_at, not both")
+    if run_at is not None and run_at.tzinfo is None:
+        problems.append("run_at must be timezone-aware (e.g. datetime.now(UTC))")
+    for label, value in (("idempotency_key", idempotency_key), ("correlation_id", correlation_id)):
+        if value is not None and not 0 < len(value) <= MAX_NAME_LENGTH:
+            problems.append(f"{label} must be 1 to {MAX_NAME_LENGTH} characters")
+    return problems

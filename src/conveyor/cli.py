@@ -1,0 +1,551 @@
+"""The ``conveyor`` command. Crosses into async once per command, at this edge.
+
+Exit codes: 0 done; 1 the awaited job failed (dead or cancelled) or was not finished in time;
+2 bad input (usage, unknown task, bad arguments, bad settings); 3 no such job, or its state
+does not allow the operation; 4 the database failed or its schema does not fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import orjson
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from conveyor.app import Conveyor
+from conveyor.errors import (
+    ConfigError,
+    ConveyorError,
+    JobNotFoundError,
+    JobStateError,
+    StorageError,
+    TaskError,
+)
+from conveyor.jobs import Job, JobState
+from conveyor.log import configure_logging
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXIT_JOB_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_CONFLICT = 3
+EXIT_STORAGE = 4
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    sys.exit(code)
+
+
+def _exit_code(exc: ConveyorError) -> int:
+    if isinstance(exc, (ConfigError, TaskError)):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, (JobNotFoundError, JobStateError)):
+        return EXIT_CONFLICT
+    if isinstance(exc, StorageError):
+        return EXIT_STORAGE
+    return EXIT_JOB_FAILED
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except ConveyorError as exc:
+        _fail(str(exc), _exit_code(exc))
+
+
+def load_app(reference: str | None) -> Conveyor:
+    """Import ``module:attribute`` (attribute defaults to ``app``) and check it is a Conveyor."""
+    if not reference:
+        try:
+            return Conveyor()
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+    module_name, _, attribute = reference.partition(":")
+    # Like uvicorn and celery: the app module usually lives in the directory the command runs in.
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except ImportError as exc:
+        _fail(f"cannot import {module_name!r} (from --app {reference!r}): {exc}", EXIT_BAD_INPUT)
+    for part in (attribute or "app").split("."):
+        if not hasattr(target, part):
+            _fail(f"{module_name!r} has no attribute {part!r} (from --app {reference!r})", EXIT_BAD_INPUT)
+        target = getattr(target, part)
+    if not isinstance(target, Conveyor):
+        _fail(f"--app {reference!r} is a {type(target).__name__}, not a Conveyor app", EXIT_BAD_INPUT)
+    return target
+
+
+def _parse_json(value: str | None, expected: type, option: str) -> Any:
+    if value is None:
+        return expected()
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+    if not isinstance(parsed, expected):
+        example = "an array, e.g. [1, 2]" if expected is list else 'an object, e.g. {"a": 1}'
+        raise click.BadParameter(f"must be {example}", param_hint=option)
+    return parsed
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+_STATE_STYLE = {
+    JobState.SUCCEEDED: "green",
+    JobState.DEAD: "red",
+    JobState.CANCELLED: "yellow",
+    JobState.RUNNING: "cyan",
+    JobState.RETRYING: "magenta",
+}
+
+
+def _jobs_table(jobs: list[Job], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "task", "queue", "state", "attempt", "run at", "error"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        style = _STATE_STYLE.get(job.state, "")
+        error = f"{job.error.type}: {job.error.message}" if job.error else ""
+        table.add_row(
+            job.id,
+            job.task,
+            job.queue,
+            f"[{style}]{job.state}[/]" if style else job.state.value,
+            f"{job.attempt}/{job.max_attempts}",
+            _when(job.run_at),
+            error[:80],
+        )
+    return table
+
+
+def _show_job(job: Job) -> None:
+    table = Table(show_header=False, title=f"job {job.id}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows = {
+        "task": job.task,
+        "queue": job.queue,
+        "state": job.state.value,
+        "attempt": f"{job.attempt}/{job.max_attempts}",
+        "args": orjson.dumps(job.args).decode(),
+        "kwargs": orjson.dumps(job.kwargs).decode(),
+        "created": _when(job.created_at),
+        "run at": _when(job.run_at),
+        "finished": _when(job.finished_at),
+        "result": orjson.dumps(job.result).decode() if job.state is JobState.SUCCEEDED else "-",
+        "error": f"{job.error.type}: {job.error.message}" if job.error else "-",
+        "correlation id": job.correlation_id or "-",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+    if job.history:
+        history = Table(title="attempts", title_justify="left")
+        for column in ("#", "outcome", "worker", "started", "ended", "error"):
+            history.add_column(column, overflow="fold")
+        for record in job.history:
+            error = f"{record.error.type}: {record.error.message}" if record.error else ""
+            history.add_row(
+                str(record.attempt),
+                record.outcome.value,
+                record.worker or "-",
+                _when(record.started_at),
+                _when(record.ended_at),
+                error[:80],
+            )
+        console.print(history)
+
+
+def _finish_with(job: Job, as_json: bool) -> None:
+    if as_json:
+        _emit_json(job.to_json())
+    else:
+        _show_job(job)
+    if job.state in (JobState.DEAD, JobState.CANCELLED) or not job.finished:
+        sys.exit(EXIT_JOB_FAILED)
+
+
+def _wait_for(app: Conveyor, job_id: str, timeout: float | None, as_json: bool) -> Job:
+    async def wait() -> Job:
+        try:
+            return await app.wait_for_job(job_id, timeout=timeout)
+        finally:
+            await app.close()
+
+    if as_json or not console.is_terminal:
+        return run_async(wait())
+    with console.status(f"waiting for job {job_id}"):
+        return run_async(wait())
+
+
+APP_OPTION = click.option(
+    "--app",
+    "app_ref",
+    envvar="CONVEYOR_APP",
+    metavar="MODULE:ATTR",
+    help="The Conveyor app whose tasks to use (env CONVEYOR_APP).",
+)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _with_app(command: Callable[..., R]) -> Callable[..., R]:
+    @functools.wraps(command)
+    def wrapper(*args: Any, app_ref: str | None, **kwargs: Any) -> R:
+        return command(*args, app=load_app(app_ref), **kwargs)
+
+    return APP_OPTION(wrapper)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="conveyor")
+@click.option(
+    "--database-url",
+    envvar="CONVEYOR_DATABASE_URL",
+    help="sqlite:///path.db or postgresql://user@host/db (env CONVEYOR_DATABASE_URL).",
+)
+def cli(database_url: str | None) -> None:
+    """Conveyor: durable background jobs."""
+    if database_url:
+        # Apps read settings from the environment when their module is imported, after this.
+        os.environ["CONVEYOR_DATABASE_URL"] = database_url
+
+
+@cli.command()
+@_with_app
+@click.option("--queues", "-q", help="Comma-separated queues to take jobs from (default: setting).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Jobs run at once (default: setting).")
+def worker(app: Conveyor, queues: str | None, concurrency: int | None) -> None:
+    """Run jobs until SIGTERM/SIGINT (a second signal stops at once)."""
+    from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
+
+    configure_logging(app.settings)
+    queue_list = [name.strip() for name in queues.split(",") if name.strip()] if queues else None
+    if queues is not None and not queue_list:
+        raise click.BadParameter("give at least one queue name", param_hint="--queues")
+
+    async def run() -> None:
+        try:
+            await Worker(app, queues=queue_list, concurrency=concurrency).run(handle_signals=True)
+        finally:
+            await app.close()
+
+    run_async(run())
+    if threads_still_running():
+        # Threads cannot be killed; their jobs were handed back already. Do not wait for them.
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@cli.command()
+@_with_app
+@click.argument("task")
+@click.option("--args", "args_json", metavar="JSON", help="Positional arguments as a JSON array.")
+@click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
+@click.option("--queue", help="Queue (default: the task's).")
+@click.option("--priority", type=int, help="Higher runs first (default: the task's).")
+@click.option("--delay", type=click.FloatRange(min=0), metavar="SECONDS", help="Run no sooner than this.")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts before the job is dead.")
+@click.option("--idempotency-key", help="Enqueue once per key: a repeat returns the first job.")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish; exit 1 if it fails.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS", help="With --wait: give up after this.")
+@JSON_OPTION
+def enqueue(
+    app: Conveyor,
+    task: str,
+    args_json: str | None,
+    kwargs_json: str | None,
+    queue: str | None,
+    priority: int | None,
+    delay: float | None,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Enqueue a job for TASK."""
+    args = _parse_json(args_json, list, "--args")
+    kwargs = _parse_json(kwargs_json, dict, "--kwargs")
+
+    async def submit() -> Job:
+        try:
+            return await app.enqueue(
+                task,
+                args,
+                kwargs,
+                queue=queue,
+                priority=priority,
+                delay=delay,
+                max_attempts=max_attempts,
+                idempotency_key=idempotency_key,
+            )
+        finally:
+            await app.close()
+
+    job = run_async(submit())
+    if not wait:
+        if as_json:
+            _emit_json(job.to_json())
+        else:
+            console.print(f"enqueued [bold]{job.id}[/] ({job.task} on {job.queue}, {job.state})")
+        return
+    _finish_with(_wait_for(app, job.id, timeout, as_json), as_json)
+
+
+@cli.group()
+def jobs() -> None:
+    """Look at jobs."""
+
+
+@jobs.command("show")
+@_with_app
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish; exit 1 if it fails.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS", help="With --wait: give up after this.")
+@JSON_OPTION
+def jobs_show(app: Conveyor, job_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Show one job and its attempts."""
+    if wait:
+        _finish_with(_wait_for(app, job_id, timeout, as_json), as_json)
+        return
+
+    async def get() -> Job:
+        try:
+            return await app.get_job(job_id)
+        finally:
+            await app.close()
+
+    job = run_async(get())
+    if as_json:
+        _emit_json(job.to_json())
+    else:
+        _show_job(job)
+
+
+def _list_command(group: click.Group, name: str, fixed_state: JobState | None, help_text: str) -> None:
+    @group.command(name, help=help_text)
+    @_with_app
+    @click.option(
+        "--state",
+        "states",
+        multiple=True,
+        type=click.Choice([state.value for state in JobState]),
+        hidden=fixed_state is not None,
+        help="Only jobs in this state (repeatable).",
+    )
+    @click.option("--queue", help="Only jobs on this queue.")
+    @click.option("--task", help="Only jobs of this task.")
+    @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+    @click.option("--cursor", help="Continue after this job id (from a previous page).")
+    @JSON_OPTION
+    def list_jobs(
+        app: Conveyor,
+        states: tuple[str, ...],
+        queue: str | None,
+        task: str | None,
+        limit: int,
+        cursor: str | None,
+        as_json: bool,
+    ) -> None:
+        chosen = (fixed_state.value,) if fixed_state else states
+
+        async def fetch() -> Any:
+            try:
+                return await app.list_jobs(states=chosen, queue=queue, task=task, limit=limit, cursor=cursor)
+            finally:
+                await app.close()
+
+        page = run_async(fetch())
+        if as_json:
+            _emit_json({"jobs": [job.to_json() for job in page.jobs], "next_cursor": page.next_cursor})
+            return
+        console.print(_jobs_table(page.jobs, f"{len(page.jobs)} jobs"))
+        if page.next_cursor:
+            console.print(f"more: --cursor {page.next_cursor}")
+
+
+_list_command(jobs, "list", None, "List jobs, newest first.")
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: jobs that ran out of attempts or failed permanently."""
+
+
+_list_command(dlq, "list", JobState.DEAD, "List dead jobs, newest first.")
+
+
+@dlq.command("replay")
+@_with_app
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead job.")
+@click.option("--queue", help="With --all: only dead jobs of this queue.")
+@click.option("--task", help="With --all: only dead jobs of this task.")
+@JSON_OPTION
+def dlq_replay(
+    app: Conveyor, job_ids: tuple[str, ...], replay_all: bool, queue: str | None, task: str | None, as_json: bool
+) -> None:
+    """Queue dead jobs again, each with its full number of attempts."""
+    if bool(job_ids) == replay_all:
+        raise click.UsageError("give job ids or --all, not both and not neither")
+
+    async def replay() -> tuple[list[Job], list[str]]:
+        replayed: list[Job] = []
+        problems: list[str] = []
+        try:
+            ids = list(job_ids)
+            if replay_all:
+                cursor = None
+                while True:
+                    page = await app.list_jobs(states=[JobState.DEAD], queue=queue, task=task, cursor=cursor, limit=500)
+                    ids.extend(job.id for job in page.jobs)
+                    if page.next_cursor is None:
+                        break
+                    cursor = page.next_cursor
+            with Progress(console=errors, disable=as_json or not errors.is_terminal) as progress:
+                bar = progress.add_task("replaying", total=len(ids))
+                for job_id in ids:
+                    try:
+                        replayed.append(await app.retry_job(job_id))
+                    except (JobNotFoundError, JobStateError) as exc:
+                        problems.append(str(exc))
+                    progress.advance(bar)
+        finally:
+            await app.close()
+        return replayed, problems
+
+    replayed, problems = run_async(replay())
+    if as_json:
+        _emit_json({"replayed": [job.id for job in replayed], "errors": problems})
+    else:
+        console.print(f"replayed {len(replayed)} job(s)")
+        for problem in problems:
+            errors.print(f"[red]error:[/] {problem}", highlight=False)
+    if problems:
+        sys.exit(EXIT_CONFLICT)
+
+
+@cli.group()
+def db() -> None:
+    """The database schema and its housekeeping."""
+
+
+def _settings_only() -> Conveyor:
+    try:
+        return Conveyor(auto_migrate=False)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the schema up (creating it if needed)."""
+    from conveyor.storage import dialects, migrate  # noqa: PLC0415 - keeps other commands' start-up light
+
+    app = _settings_only()
+
+    async def upgrade() -> migrate.SchemaStatus:
+        engine = dialects.create_engine(app.settings)
+        try:
+            return await migrate.upgrade(engine, revision)
+        finally:
+            await engine.dispose()
+
+    status = run_async(upgrade())
+    console.print(f"schema at revision {status.current} (head {status.head})")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the schema down to REVISION (``base`` drops Conveyor's tables)."""
+    from conveyor.storage import dialects, migrate  # noqa: PLC0415
+
+    app = _settings_only()
+
+    async def downgrade() -> migrate.SchemaStatus:
+        engine = dialects.create_engine(app.settings)
+        try:
+            return await migrate.downgrade(engine, revision)
+        finally:
+            await engine.dispose()
+
+    status = run_async(downgrade())
+    console.print(f"schema at revision {status.current or 'base'} (head {status.head})")
+
+
+@db.command("current")
+@JSON_OPTION
+def db_current(as_json: bool) -> None:
+    """Show the schema revision; exit 4 if it is not the one this Conveyor needs."""
+    from conveyor.storage import dialects, migrate  # noqa: PLC0415
+
+    app = _settings_only()
+
+    async def current() -> migrate.SchemaStatus:
+        engine = dialects.create_engine(app.settings)
+        try:
+            return await migrate.status(engine)
+        finally:
+            await engine.dispose()
+
+    status = run_async(current())
+    if as_json:
+        _emit_json({"current": status.current, "head": status.head, "up_to_date": status.up_to_date})
+    else:
+        console.print(f"current: {status.current or 'none (empty database)'}\nhead:    {status.head}")
+    if not status.up_to_date:
+        sys.exit(EXIT_STORAGE)
+
+
+@db.command("prune")
+@click.option(
+    "--older-than", type=click.FloatRange(min=0), required=True, metavar="SECONDS", help="Finished more than this ago."
+)
+@JSON_OPTION
+def db_prune(older_than: float, as_json: bool) -> None:
+    """Delete finished jobs (succeeded, dead, cancelled) older than --older-than seconds."""
+    app = load_app(None)
+
+    async def prune() -> int:
+        try:
+            return await app.prune(older_than)
+        finally:
+            await app.close()
+
+    deleted = run_async(prune())
+    if as_json:
+        _emit_json({"deleted": deleted})
+    else:
+        console.print(f"deleted {deleted} finished job(s)")
+
+
+def main() -> None:
+    cli(prog_name="conveyor")

@@ -1,0 +1,37 @@
+"""What a running task can ask for about its own job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """Passed to a task that declares a parameter annotated ``JobContext``.
+
+    Plain data, so it crosses into the process pool of CPU-bound tasks as well.
+    """
+
+    job_id: str
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    correlation_id: str | None = None
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+    @property
+    def logger(self) -> Any:
+        """A structlog logger already bound to this job's identity."""
+        return structlog.get_logger("conveyor.task").bind(
+            job_id=self.job_id,
+            task=self.task,
+            attempt=self.attempt,
+            correlation_id=self.correlation_id,
+        )

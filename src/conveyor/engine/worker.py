@@ -1,0 +1,338 @@
+"""A worker process's engine: the claim loop plus the small loops that keep it honest.
+
+- producer: claims up to free capacity, starts each job as an asyncio task
+- acker: writes outcomes in batches, retrying a failed write (acks are idempotent)
+- heartbeat: renews the leases of running jobs
+- rescuer: ends attempts whose lease expired, on any worker's behalf
+- pruner: deletes finished jobs past retention
+
+Shutdown (SIGTERM/SIGINT, or ``stop()``): stop claiming, let running jobs finish within the
+grace period, then cancel the rest and hand them back without burning an attempt. A second
+signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from conveyor.engine.cpu import CpuPool
+from conveyor.engine.executor import Executor
+from conveyor.errors import ConveyorError
+from conveyor.events import EventName, Events, JobEvent, log_event
+from conveyor.jobs import Ack, Job, JobState, new_job_id
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.storage import Store
+
+logger = structlog.get_logger("conveyor.worker")
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    started_at: datetime
+    task: asyncio.Task[None] | None = None
+    lease_lost: bool = False
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counts since start; what a drain in tests or a status line reads."""
+
+    claimed: int = 0
+    acked: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs jobs from the app's database until stopped.
+
+    ``await Worker(app).run()`` runs until ``stop()`` or a signal (with ``handle_signals``);
+    ``await Worker(app).run(drain=True)`` returns once no job is due and none is running.
+    """
+
+    def __init__(
+        self,
+        app: Conveyor,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        events: Events | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.queues = tuple(queues or self.settings.queues)
+        self.concurrency = concurrency or self.settings.concurrency
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[-12:]}"
+        self.events = events or Events()
+        self.events.subscribe(log_event)
+        self.stats = WorkerStats()
+        self._clock: Callable[[], datetime] = app.clock
+        self._running: dict[str, _Running] = {}
+        self._acks: list[Ack] = []
+        self._claims = 0
+        self._stopping: asyncio.Event | None = None
+        self._immediate: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._ack_ready: asyncio.Event | None = None
+        self._acks_in_flight = 0
+        self.started = asyncio.Event()
+
+    # -- control ------------------------------------------------------------------------
+
+    def stop(self, *, immediate: bool = False) -> None:
+        """Stop claiming and shut down; ``immediate`` hands running jobs back without waiting."""
+        if self._stopping is None or self._immediate is None:
+            return
+        if self._stopping.is_set() or immediate:
+            self._immediate.set()
+        self._stopping.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        immediate = self._stopping is not None and self._stopping.is_set()
+        logger.info("worker.signal", signal=name, immediate=immediate, running=len(self._running))
+        self.stop(immediate=immediate)
+
+    # -- the run ------------------------------------------------------------------------
+
+    async def run(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
+        self._stopping, self._immediate = asyncio.Event(), asyncio.Event()
+        self._changed, self._ack_ready = asyncio.Event(), asyncio.Event()
+        store = await self.app.store()
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+        cpu_pool = CpuPool(self.settings.cpu_workers)
+        threads = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
+        executor = Executor(
+            self.app.get_task,
+            worker_id=self.id,
+            cpu_pool=cpu_pool,
+            threads=threads,
+            events=self.events,
+            clock=self._clock,
+        )
+        logger.info(
+            "worker.started",
+            worker=self.id,
+            queues=list(self.queues),
+            concurrency=self.concurrency,
+            tasks=sorted(self.app.tasks),
+        )
+        self.started.set()
+        background = [
+            asyncio.create_task(self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat, store)),
+            asyncio.create_task(self._loop("rescuer", self.settings.rescue_interval, self._rescue, store)),
+        ]
+        if self.settings.retention_seconds > 0:
+            background.append(
+                asyncio.create_task(self._loop("pruner", self.settings.prune_interval_seconds, self._prune, store))
+            )
+        acker = asyncio.create_task(self._acker(store))
+        try:
+            await self._produce(store, executor, drain=drain)
+            await self._finish_running()
+        finally:
+            self._stopping.set()
+            self._ack_ready.set()
+            await acker
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            cpu_pool.close()
+            threads.shutdown(wait=False, cancel_futures=True)
+            if handle_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+            logger.info("worker.stopped", worker=self.id, claimed=self.stats.claimed, acked=self.stats.acked)
+        return self.stats
+
+    async def _produce(self, store: Store, executor: Executor, *, drain: bool) -> None:
+        assert self._stopping is not None
+        assert self._changed is not None
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                await self._wait_for_change(None)
+                continue
+            try:
+                jobs = await store.fetch_jobs(
+                    queues=self.queues,
+                    limit=min(free, self.settings.claim_batch_size),
+                    lease_owner=self._next_lease_owner(),
+                    lease_seconds=self.settings.lease_seconds,
+                    now=self._clock(),
+                )
+            except ConveyorError as exc:
+                logger.warning("worker.claim_failed", error=str(exc))
+                await self._wait_for_change(self.settings.poll_interval_seconds)
+                continue
+            for job in jobs:
+                self._start(job, executor)
+            self.stats.claimed += len(jobs)
+            if jobs:
+                continue
+            if drain and not self._running and not self._acks and not self._acks_in_flight:
+                return
+            await self._wait_for_work(store)
+
+    def _next_lease_owner(self) -> str:
+        # A fresh token per claim fences acks: a lease taken again later never matches an old one.
+        self._claims += 1
+        return f"{self.id}#{self._claims}"
+
+    def _start(self, job: Job, executor: Executor) -> None:
+        running = _Running(job=job, started_at=self._clock())
+        self._running[job.id] = running
+        running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{job.id}")
+
+    async def _attempt(self, running: _Running, executor: Executor) -> None:
+        assert self._ack_ready is not None
+        try:
+            self._acks.append(await executor.execute(running.job))
+        except asyncio.CancelledError:
+            if not running.lease_lost:
+                self._acks.append(executor.released(running.job, running.started_at))
+            raise
+        finally:
+            self._running.pop(running.job.id, None)
+            self._ack_ready.set()
+            self._wake()
+
+    async def _wait_for_change(self, timeout: float | None) -> None:
+        assert self._changed is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        self._changed.clear()
+
+    async def _wait_for_work(self, store: Store) -> None:
+        """Sleep until jobs may be due: a local enqueue, a finished job, the poll interval, or stop."""
+        assert self._changed is not None
+        waits = [
+            asyncio.ensure_future(store.wait_for_jobs(self.settings.poll_interval_seconds)),
+            asyncio.ensure_future(self._changed.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        self._changed.clear()
+
+    async def _finish_running(self) -> None:
+        """Give running jobs the grace period, then cancel them (they hand themselves back)."""
+        assert self._immediate is not None
+        pending = {running.task for running in self._running.values() if running.task is not None}
+        if not pending:
+            return
+        grace = 0.0 if self._immediate.is_set() else self.settings.shutdown_grace_seconds
+        logger.info("worker.draining", running=len(pending), grace_seconds=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        second_signal = asyncio.ensure_future(self._immediate.wait())
+        try:
+            while pending and not self._immediate.is_set() and (remaining := deadline - loop.time()) > 0:
+                _, pending = await asyncio.wait(
+                    {*pending, second_signal}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(second_signal)
+        finally:
+            second_signal.cancel()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _acker(self, store: Store) -> None:
+        """Write acks in batches until the worker has stopped and nothing is left to write."""
+        assert self._stopping is not None
+        assert self._ack_ready is not None
+        while True:
+            if not self._acks:
+                if self._stopping.is_set() and not self._running:
+                    return
+                await self._ack_ready.wait()
+                self._ack_ready.clear()
+                continue
+            batch, self._acks = self._acks, []
+            self._acks_in_flight = len(batch)
+            try:
+                applied = await store.ack_jobs(batch, now=self._clock())
+            except ConveyorError as exc:
+                # The write is fenced, so trying it again can only land it once.
+                logger.warning("worker.ack_failed", error=str(exc), acks=len(batch))
+                self._acks[:0] = batch
+                await asyncio.sleep(1.0)
+                continue
+            finally:
+                self._acks_in_flight = 0
+            self.stats.acked += len(applied)
+            for ack in batch:
+                self.stats.by_outcome[ack.state.value] = self.stats.by_outcome.get(ack.state.value, 0) + 1
+                if ack.job_id not in applied:
+                    logger.warning("worker.ack_fenced", job_id=ack.job_id, state=ack.state.value)
+            self._wake()
+
+    async def _loop(
+        self, name: str, interval: float, step: Callable[[Store], Coroutine[Any, Any, None]], store: Store
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step(store)
+            except ConveyorError as exc:
+                logger.warning(f"worker.{name}_failed", error=str(exc))
+
+    async def _heartbeat(self, store: Store) -> None:
+        leases = {job_id: running.job.lease_owner or "" for job_id, running in self._running.items()}
+        if not leases:
+            return
+        held = await store.heartbeat_jobs(leases, lease_seconds=self.settings.lease_seconds, now=self._clock())
+        for job_id in set(leases) - held:
+            running = self._running.get(job_id)
+            if running is None or running.task is None or running.task.done():
+                continue
+            # Rescued or cancelled elsewhere: our result would be fenced out, so stop the work.
+            logger.warning("worker.lease_lost", job_id=job_id, task=running.job.task)
+            running.lease_lost = True
+            running.task.cancel()
+
+    async def _rescue(self, store: Store) -> None:
+        for job in await store.rescue_jobs(now=self._clock()):
+            self.events.emit(JobEvent(EventName.LOST, job, self.id))
+            if job.attempt >= job.max_attempts:
+                self.events.emit(JobEvent(EventName.DEAD, job, self.id))
+
+    async def _prune(self, store: Store) -> None:
+        cutoff = self._clock() - timedelta(seconds=self.settings.retention_seconds)
+        deleted = await store.prune_jobs(finished_before=cutoff)
+        if deleted:
+            logger.info("worker.pruned", deleted=deleted)
+
+
+def threads_still_running() -> int:
+    """Task threads still busy (a sync task past its timeout, or one handed back at shutdown)."""
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith("conveyor-task") and thread.is_alive())
+
+
+__all__ = ["JobState", "Worker", "WorkerStats", "threads_still_running"]

@@ -1,0 +1,122 @@
+"""Settings from ``CONVEYOR_*`` environment variables and ``.env``, validated all at once."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from conveyor.errors import ConfigError
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+_SCHEME_ALIASES = {
+    "sqlite": "sqlite",
+    "sqlite+aiosqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "postgresql+asyncpg": "postgresql",
+}
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain ``sqlite:///x.db`` / ``postgresql://...`` and return the async-driver URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{url!r} is not a database URL (expected sqlite:///path.db or postgresql://user@host/db)")
+    family = _SCHEME_ALIASES.get(scheme.lower())
+    if family is None:
+        raise ValueError(f"unsupported database scheme {scheme!r} (use sqlite:///path.db or postgresql://user@host/db)")
+    if family == "sqlite":
+        path = rest.removeprefix("/")
+        if not path or path == ":memory:" or path.startswith("file::memory:"):
+            raise ValueError(
+                "an in-memory SQLite database cannot be shared by workers; give a file path, e.g. sqlite:///conveyor.db"
+            )
+    elif not rest.strip("/"):
+        raise ValueError(f"{url!r} names no PostgreSQL host or database")
+    return f"{_DRIVERS[family]}://{rest}"
+
+
+class Settings(BaseSettings):
+    """Everything Conveyor can be told. Built once at an entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", env_file=".env", extra="ignore", validate_default=True)
+
+    database_url: str = "sqlite:///conveyor.db"
+    """``sqlite:///path.db`` (default: conveyor.db in the working directory) or ``postgresql://...``."""
+    app: str | None = None
+    """``module:attribute`` of the Conveyor app whose tasks the CLI and workers use."""
+    queues: Annotated[tuple[str, ...], NoDecode] = ("default",)
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    cpu_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=512)
+    max_attempts: int = Field(default=5, ge=1, le=1_000)
+    """Default attempts for tasks that do not set their own."""
+    lease_seconds: float = Field(default=30.0, gt=0.05, le=86_400)
+    """How long a claimed job stays leased without a heartbeat; a third of it is the heartbeat."""
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3_600)
+    poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    rescue_interval_seconds: float | None = Field(default=None, gt=0, le=3_600)
+    """How often expired leases are looked for; None means a quarter of ``lease_seconds``."""
+    retention_seconds: float = Field(default=7 * 86_400, ge=0)
+    """Finished jobs older than this are pruned by workers; 0 keeps them forever."""
+    prune_interval_seconds: float = Field(default=3_600, gt=0)
+    claim_batch_size: int = Field(default=100, ge=1, le=10_000)
+    sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)
+    auto_migrate: bool | None = None
+    """Bring the schema up to date on first use; None means yes for SQLite, no for PostgreSQL."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return normalize_database_url(value.strip())
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _queues(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        names = tuple(value)
+        if not names or any(not name for name in names):
+            raise ValueError("queue names must be non-empty, e.g. 'default,emails'")
+        return names
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.lease_seconds / 3
+
+    @property
+    def rescue_interval(self) -> float:
+        return self.rescue_interval_seconds or self.lease_seconds / 4
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning every validation problem into one ``ConfigError``."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            env = f"CONVEYOR_{where.upper()}" if error["loc"] else ""
+            label = f"{where} ({env})" if env else where
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{label}: {message}")
+        raise ConfigError("invalid Conveyor settings", problems) from None

@@ -1,0 +1,58 @@
+"""The storage boundary: the one protocol the worker, the API and the CLI talk to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from conveyor.jobs import Ack, Job, JobFilter, NewJob, Page, QueueStats
+from conveyor.settings import Settings
+
+
+class Store(Protocol):
+    """Durable job storage. Every method that decides by time takes ``now``: time is injected."""
+
+    dialect: str
+
+    async def insert_jobs(self, new_jobs: Sequence[NewJob], *, now: datetime, connection: Any = None) -> list[Job]: ...
+
+    async def wait_for_jobs(self, timeout: float) -> None: ...
+
+    async def fetch_jobs(
+        self, *, queues: Sequence[str], limit: int, lease_owner: str, lease_seconds: float, now: datetime
+    ) -> list[Job]: ...
+
+    async def heartbeat_jobs(self, leases: Mapping[str, str], *, lease_seconds: float, now: datetime) -> set[str]: ...
+
+    async def ack_jobs(self, acks: Sequence[Ack], *, now: datetime) -> set[str]: ...
+
+    async def rescue_jobs(self, *, now: datetime, limit: int = 1_000) -> list[Job]: ...
+
+    async def prune_jobs(self, *, finished_before: datetime, batch_size: int = 500) -> int: ...
+
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    async def list_jobs(self, job_filter: JobFilter, *, cursor: str | None = None, limit: int = 50) -> Page: ...
+
+    async def queue_stats(self) -> list[QueueStats]: ...
+
+    async def cancel_job(self, job_id: str, *, now: datetime) -> Job: ...
+
+    async def retry_job(self, job_id: str, *, now: datetime) -> Job: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(settings: Settings) -> Store:
+    """Connect, check the schema (migrating it first where settings allow), and return the store."""
+    from conveyor.storage import dialects, migrate  # noqa: PLC0415 - keeps `import conveyor` light
+    from conveyor.storage.sql import SqlStore  # noqa: PLC0415
+
+    engine = dialects.create_engine(settings)
+    try:
+        await migrate.ensure_current(engine, auto_migrate=settings.should_auto_migrate)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return SqlStore(engine)

@@ -1,0 +1,142 @@
+"""The only module that knows PostgreSQL from SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from conveyor.errors import ConfigError
+from conveyor.settings import Settings
+
+# Filesystems on which SQLite's locking is unreliable, so two processes could both "own" a write.
+_NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "fuse.sshfs", "afs", "ceph", "glusterfs"}
+
+WRITE_OPTION = "conveyor_write"
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _loads(value: str | bytes) -> Any:
+    return orjson.loads(value)
+
+
+def sqlite_path(url: sa.URL) -> Path | None:
+    return Path(url.database).resolve() if url.database else None
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type of the mount holding ``path``, from /proc/mounts (Linux only)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:  # noqa: PLR2004 - device, mount point, type: the fields we read
+            continue
+        mount_point, fs_type = parts[1], parts[2]
+        if path.is_relative_to(mount_point) and (best is None or len(mount_point) > best[0]):
+            best = (len(mount_point), fs_type)
+    return best[1] if best else None
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    url = sa.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url, settings)
+    return create_async_engine(
+        url,
+        json_serializer=_dumps,
+        json_deserializer=_loads,
+        pool_pre_ping=True,
+    )
+
+
+def _create_sqlite_engine(url: sa.URL, settings: Settings) -> AsyncEngine:
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.parent.is_dir():
+            raise ConfigError(
+                "invalid Conveyor settings",
+                [f"database_url (CONVEYOR_DATABASE_URL): folder {str(path.parent)!r} does not exist"],
+            )
+        fs_type = _filesystem_type(path)
+        if fs_type in _NETWORK_FILESYSTEMS:
+            raise ConfigError(
+                "invalid Conveyor settings",
+                [
+                    (
+                        f"database_url (CONVEYOR_DATABASE_URL): {str(path)!r} is on a network filesystem "
+                        f"({fs_type}), where SQLite's locks do not hold; use a local disk or PostgreSQL"
+                    )
+                ],
+            )
+    busy_timeout = settings.sqlite_busy_timeout_seconds
+    engine = create_async_engine(
+        url,
+        json_serializer=_dumps,
+        json_deserializer=_loads,
+        connect_args={"timeout": busy_timeout},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves: the driver's implicit BEGIN is deferred, and a deferred
+        # transaction that reads then writes can fail with "database is locked" whatever the
+        # busy timeout, because its snapshot is stale, not because it waited too little.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        write = connection.get_execution_options().get(WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def insert_ignoring_duplicates(table: sa.Table, dialect_name: str) -> Any:
+    """An INSERT that skips rows whose unique key already exists, leaving them to be looked up."""
+    if dialect_name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+def json_append(column: sa.ColumnElement[Any], entry: sa.BindParameter[Any], dialect_name: str) -> Any:
+    """``column`` (a JSON array) with the JSON text in ``entry`` appended, computed in SQL."""
+    if dialect_name == "postgresql":
+        return column.op("||")(sa.func.jsonb_build_array(sa.cast(entry, postgresql.JSONB)))
+    return sa.func.json_insert(column, "$[#]", sa.func.json(entry))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the database was busy or the connection dropped."""
+    original = getattr(exc, "orig", exc)
+    if isinstance(original, sqlite3.OperationalError):
+        message = str(original).lower()
+        return "locked" in message or "busy" in message
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, TimeoutError, OSError))
+
+
+async def lock_for_migration(connection: Any) -> None:
+    """Make concurrent first starts migrate one at a time (SQLite: BEGIN IMMEDIATE already does)."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate'))"))

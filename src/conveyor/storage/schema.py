@@ -1,0 +1,129 @@
+"""The tables, as SQLAlchemy Core: the single source of truth the migrations are checked against."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+
+from conveyor.jobs import RUNNABLE_STATES, JobState
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite keeps no zone, so values are stored as naive UTC text (which sorts correctly)
+    and come back aware; PostgreSQL gets ``timestamptz``.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: Conveyor stores UTC-aware datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:  # noqa: ARG002 - SQLAlchemy's signature
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class SQLiteJSON(sqlite.JSON):
+    """JSON kept in a TEXT column.
+
+    A column declared ``JSON`` has NUMERIC affinity in SQLite, which turns the JSON text
+    ``5`` into the number 5 (and a big integer into a lossy float); TEXT keeps it as written.
+    """
+
+
+@compiles(SQLiteJSON, "sqlite")
+def _render_sqlite_json(_type: SQLiteJSON, _compiler: Any, **_kw: Any) -> str:
+    return "TEXT"
+
+
+# Python None is stored as SQL NULL, not the JSON text "null".
+JSONType = (
+    sa.JSON(none_as_null=True)
+    .with_variant(SQLiteJSON(none_as_null=True), "sqlite")
+    .with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+)
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_runnable = [state.value for state in RUNNABLE_STATES]
+
+jobs = sa.Table(
+    "conveyor_jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("task", sa.String(255), nullable=False),
+    sa.Column("queue", sa.String(255), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("args", JSONType, nullable=False),
+    sa.Column("kwargs", JSONType, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("timeout_seconds", sa.Float, nullable=True),
+    sa.Column("run_at", UTCDateTime, nullable=False),
+    sa.Column("lease_owner", sa.String(255), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("attempted_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("result", JSONType, nullable=True),
+    sa.Column("error", JSONType, nullable=True),
+    sa.Column("history", JSONType, nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("correlation_id", sa.String(255), nullable=True),
+    # Room for workflows: a job may belong to one and hang below a parent job.
+    sa.Column("workflow_id", sa.String(36), nullable=True),
+    sa.Column("parent_id", sa.String(36), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint("state IN (" + ", ".join(f"'{state.value}'" for state in JobState) + ")", name="state"),
+    sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name="attempts"),
+    sa.UniqueConstraint("idempotency_key"),
+)
+
+# The claim query walks this partial index in claim order and touches nothing else.
+sa.Index(
+    "ix_conveyor_jobs_runnable",
+    jobs.c.queue,
+    jobs.c.priority.desc(),
+    jobs.c.run_at,
+    jobs.c.id,
+    sqlite_where=jobs.c.state.in_(_runnable),
+    postgresql_where=jobs.c.state.in_(_runnable),
+)
+sa.Index(
+    "ix_conveyor_jobs_leases",
+    jobs.c.lease_expires_at,
+    sqlite_where=jobs.c.state == JobState.RUNNING.value,
+    postgresql_where=jobs.c.state == JobState.RUNNING.value,
+)
+sa.Index(
+    "ix_conveyor_jobs_finished",
+    jobs.c.finished_at,
+    sqlite_where=jobs.c.finished_at.is_not(None),
+    postgresql_where=jobs.c.finished_at.is_not(None),
+)
+sa.Index("ix_conveyor_jobs_state_queue", jobs.c.state, jobs.c.queue)
+sa.Index("ix_conveyor_jobs_workflow_id", jobs.c.workflow_id)

@@ -1,0 +1,493 @@
+"""The SQL store: every query Conveyor runs, written once for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sqlite3
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import CoroutineType
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from conveyor.errors import ConveyorError, JobNotFoundError, JobStateError, StorageError
+from conveyor.jobs import (
+    CANCELLABLE_STATES,
+    FINISHED_STATES,
+    REPLAYABLE_STATES,
+    RUNNABLE_STATES,
+    Ack,
+    AttemptRecord,
+    Job,
+    JobError,
+    JobFilter,
+    JobState,
+    NewJob,
+    Outcome,
+    Page,
+    QueueStats,
+)
+from conveyor.storage import dialects
+from conveyor.storage.schema import JSONType, UTCDateTime, jobs
+
+_RUNNABLE = [state.value for state in RUNNABLE_STATES]
+_FINISHED = [state.value for state in FINISHED_STATES]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(
+    method: Callable[Concatenate[SqlStore, P], CoroutineType[Any, Any, R]],
+) -> Callable[Concatenate[SqlStore, P], CoroutineType[Any, Any, R]]:
+    """Retry transient database errors with backoff, then translate what is left.
+
+    Safe because every write is one transaction whose effect is fenced by state: running it
+    again after a failed commit changes nothing twice. A call inside the caller's own
+    transaction (``connection=``) is not retried: the caller owns that transaction.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: SqlStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        retryable = kwargs.get("connection") is None
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(lambda exc: retryable and dialects.is_transient(exc)),
+                stop=stop_after_attempt(8) | stop_after_delay(30),
+                wait=wait_random_exponential(multiplier=0.05, max=2),
+                reraise=True,
+            ):
+                with attempt:
+                    return await method(self, *args, **kwargs)
+        except ConveyorError:
+            raise
+        except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            original = getattr(exc, "orig", None) or exc
+            detail = str(original).splitlines()[0] if str(original) else type(original).__name__
+            raise StorageError(f"{getattr(method, '__name__', 'query')} failed: {detail}") from exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
+
+    return wrapper
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _row_to_job(row: Mapping[str, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        task=row["task"],
+        queue=row["queue"],
+        priority=row["priority"],
+        state=JobState(row["state"]),
+        args=row["args"],
+        kwargs=row["kwargs"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        timeout_seconds=row["timeout_seconds"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        attempted_at=row["attempted_at"],
+        finished_at=row["finished_at"],
+        result=row["result"],
+        error=JobError.from_json(row["error"]),
+        history=tuple(AttemptRecord.from_json(entry) for entry in row["history"] or ()),
+        idempotency_key=row["idempotency_key"],
+        correlation_id=row["correlation_id"],
+        parent_id=row["parent_id"],
+        workflow_id=row["workflow_id"],
+    )
+
+
+class SqlStore:
+    """The ``Store`` on SQLAlchemy Core. One instance serves one event loop."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._write_engine = engine.execution_options(**{dialects.WRITE_OPTION: True})
+        self.dialect = engine.dialect.name
+        # SQLite has one writer at a time; queueing our own writers here is cheaper than
+        # letting them meet in SQLite's busy handler, which sleeps.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._work_added = asyncio.Event()
+        self._ack = self._build_ack_statement()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, connection: AsyncConnection | None = None) -> AsyncGenerator[AsyncConnection]:
+        if connection is not None:
+            yield connection
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            yield await stack.enter_async_context(self._write_engine.begin())
+
+    # -- enqueue ------------------------------------------------------------------------
+
+    @_guarded
+    async def insert_jobs(
+        self,
+        new_jobs: Sequence[NewJob],
+        *,
+        now: datetime,
+        connection: AsyncConnection | None = None,
+    ) -> list[Job]:
+        """Insert jobs in one transaction; a job whose idempotency key exists returns the existing one."""
+        if not new_jobs:
+            return []
+        rows = [self._new_row(new, now) for new in new_jobs]
+        keys = [new.idempotency_key for new in new_jobs if new.idempotency_key is not None]
+        async with self._writing(connection) as conn:
+            if keys:
+                await conn.execute(dialects.insert_ignoring_duplicates(jobs, self.dialect), rows)
+                found = await conn.execute(sa.select(jobs).where(jobs.c.idempotency_key.in_(keys)))
+                by_key = {row["idempotency_key"]: _row_to_job(row) for row in found.mappings()}
+            else:
+                await conn.execute(sa.insert(jobs), rows)
+                by_key = {}
+        if connection is None and any(row["state"] == JobState.QUEUED for row in rows):
+            self._work_added.set()
+        return [
+            by_key[new.idempotency_key] if new.idempotency_key in by_key else _row_to_job(row)
+            for new, row in zip(new_jobs, rows, strict=True)
+        ]
+
+    @staticmethod
+    def _new_row(new: NewJob, now: datetime) -> dict[str, Any]:
+        run_at = new.run_at or now
+        return {
+            "id": new.id,
+            "task": new.task,
+            "queue": new.queue,
+            "priority": new.priority,
+            "state": JobState.SCHEDULED if run_at > now else JobState.QUEUED,
+            "args": new.args,
+            "kwargs": new.kwargs,
+            "attempt": 0,
+            "max_attempts": new.max_attempts,
+            "timeout_seconds": new.timeout_seconds,
+            "run_at": run_at,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "attempted_at": None,
+            "finished_at": None,
+            "result": None,
+            "error": None,
+            "history": [],
+            "idempotency_key": new.idempotency_key,
+            "correlation_id": new.correlation_id,
+            "workflow_id": new.workflow_id,
+            "parent_id": new.parent_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    async def wait_for_jobs(self, timeout: float) -> None:
+        """Return when this process added runnable jobs, or after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work_added.wait(), timeout)
+        self._work_added.clear()
+
+    # -- the worker's cycle ---------------------------------------------------------------
+
+    @_guarded
+    async def fetch_jobs(
+        self,
+        *,
+        queues: Sequence[str],
+        limit: int,
+        lease_owner: str,
+        lease_seconds: float,
+        now: datetime,
+    ) -> list[Job]:
+        """Claim up to ``limit`` due jobs in claim order (priority, then due time, then age)."""
+        if limit <= 0:
+            return []
+        due = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
+            .order_by(jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            sa.update(jobs)
+            .where(jobs.c.id.in_(due.scalar_subquery()))
+            .values(
+                state=JobState.RUNNING.value,
+                attempt=jobs.c.attempt + 1,
+                lease_owner=lease_owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempted_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
+        async with self._writing() as conn:
+            claimed = [_row_to_job(row) for row in (await conn.execute(claim)).mappings()]
+        claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
+        return claimed
+
+    @_guarded
+    async def heartbeat_jobs(self, leases: Mapping[str, str], *, lease_seconds: float, now: datetime) -> set[str]:
+        """Extend the leases held (job id -> lease owner); return the ids still held."""
+        if not leases:
+            return set()
+        extend = (
+            sa.update(jobs)
+            .where(
+                jobs.c.id.in_(list(leases)),
+                jobs.c.state == JobState.RUNNING.value,
+                jobs.c.lease_owner.in_(set(leases.values())),
+            )
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            .returning(jobs.c.id, jobs.c.lease_owner)
+        )
+        async with self._writing() as conn:
+            rows = (await conn.execute(extend)).all()
+        return {job_id for job_id, owner in rows if leases.get(job_id) == owner}
+
+    def _build_ack_statement(self) -> Any:
+        return (
+            sa.update(jobs)
+            .where(
+                jobs.c.id == sa.bindparam("b_id"),
+                jobs.c.state == JobState.RUNNING.value,
+                jobs.c.lease_owner == sa.bindparam("b_owner"),
+            )
+            .values(
+                state=sa.bindparam("b_state"),
+                result=sa.bindparam("b_result", type_=JSONType),
+                error=sa.bindparam("b_error", type_=JSONType),
+                run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=UTCDateTime), jobs.c.run_at),
+                finished_at=sa.bindparam("b_finished_at", type_=UTCDateTime),
+                attempt=jobs.c.attempt + sa.bindparam("b_delta", type_=sa.Integer),
+                history=dialects.json_append(jobs.c.history, sa.bindparam("b_entry", type_=sa.String), self.dialect),
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=sa.bindparam("b_now", type_=UTCDateTime),
+            )
+        )
+
+    async def _apply_acks(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
+        applied: set[str] = set()
+        for ack in acks:
+            outcome = await conn.execute(
+                self._ack,
+                {
+                    "b_id": ack.job_id,
+                    "b_owner": ack.lease_owner,
+                    "b_state": ack.state.value,
+                    "b_result": ack.result,
+                    "b_error": ack.error.to_json() if ack.error else None,
+                    "b_run_at": ack.run_at,
+                    "b_finished_at": now if ack.state in FINISHED_STATES else None,
+                    "b_delta": ack.attempt_delta,
+                    "b_entry": _json_text(ack.record.to_json()),
+                    "b_now": now,
+                },
+            )
+            if outcome.rowcount:
+                applied.add(ack.job_id)
+        return applied
+
+    @_guarded
+    async def ack_jobs(self, acks: Sequence[Ack], *, now: datetime) -> set[str]:
+        """Record how attempts ended, in one transaction; return the ids whose ack landed.
+
+        An ack lands only if its job is still ``running`` under the ack's lease, so an ack
+        that arrives after the job was rescued or cancelled changes nothing.
+        """
+        if not acks:
+            return set()
+        async with self._writing() as conn:
+            return await self._apply_acks(conn, acks, now)
+
+    @_guarded
+    async def rescue_jobs(self, *, now: datetime, limit: int = 1_000) -> list[Job]:
+        """End attempts whose lease expired: the job retries, or is dead if out of attempts.
+
+        Returns the jobs as they were found. Each expired lease is rescued once, however many
+        workers race for it: the update is fenced like any other ack.
+        """
+        expired = (
+            sa.select(jobs)
+            .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < now)
+            .order_by(jobs.c.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._writing() as conn:
+            found = [_row_to_job(row) for row in (await conn.execute(expired)).mappings()]
+            acks = [self._lost_ack(job, now) for job in found]
+            applied = await self._apply_acks(conn, acks, now)
+        return [job for job in found if job.id in applied]
+
+    @staticmethod
+    def _lost_ack(job: Job, now: datetime) -> Ack:
+        error = JobError(
+            type="LeaseExpired",
+            message=(
+                f"worker {job.lease_owner} stopped renewing its lease (it crashed, was killed, or hung); "
+                f"attempt {job.attempt} counts as failed"
+            ),
+        )
+        dead = job.attempt >= job.max_attempts
+        return Ack(
+            job_id=job.id,
+            lease_owner=job.lease_owner or "",
+            state=JobState.DEAD if dead else JobState.RETRYING,
+            record=AttemptRecord(
+                attempt=job.attempt,
+                worker=job.lease_owner,
+                started_at=job.attempted_at,
+                ended_at=now,
+                outcome=Outcome.LOST,
+                error=error,
+            ),
+            error=error,
+            run_at=None if dead else now,
+        )
+
+    @_guarded
+    async def prune_jobs(self, *, finished_before: datetime, batch_size: int = 500) -> int:
+        """Delete finished jobs older than the cutoff, in small transactions that hold no long lock."""
+        total = 0
+        while True:
+            batch = (
+                sa.select(jobs.c.id)
+                .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at < finished_before)
+                .where(jobs.c.state.in_(_FINISHED))
+                .limit(batch_size)
+            )
+            async with self._writing() as conn:
+                deleted = (await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(batch.scalar_subquery())))).rowcount
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+    # -- reading ------------------------------------------------------------------------
+
+    @_guarded
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+        return _row_to_job(row) if row else None
+
+    @_guarded
+    async def list_jobs(self, job_filter: JobFilter, *, cursor: str | None = None, limit: int = 50) -> Page:
+        """Newest first. The cursor is the last id seen, so pages stay stable as jobs are added."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit + 1)
+        if job_filter.states:
+            query = query.where(jobs.c.state.in_([state.value for state in job_filter.states]))
+        if job_filter.queue is not None:
+            query = query.where(jobs.c.queue == job_filter.queue)
+        if job_filter.task is not None:
+            query = query.where(jobs.c.task == job_filter.task)
+        if job_filter.created_after is not None:
+            query = query.where(jobs.c.created_at >= job_filter.created_after)
+        if job_filter.created_before is not None:
+            query = query.where(jobs.c.created_at < job_filter.created_before)
+        if cursor is not None:
+            query = query.where(jobs.c.id < cursor)
+        async with self._engine.connect() as conn:
+            found = [_row_to_job(row) for row in (await conn.execute(query)).mappings()]
+        more = len(found) > limit
+        page = found[:limit]
+        return Page(jobs=page, next_cursor=page[-1].id if more and page else None)
+
+    @_guarded
+    async def queue_stats(self) -> list[QueueStats]:
+        counts = sa.select(jobs.c.queue, jobs.c.state, sa.func.count()).group_by(jobs.c.queue, jobs.c.state)
+        oldest = (
+            sa.select(jobs.c.queue, sa.func.min(jobs.c.run_at))
+            .where(jobs.c.state.in_(_RUNNABLE))
+            .group_by(jobs.c.queue)
+        )
+        async with self._engine.connect() as conn:
+            count_rows = (await conn.execute(counts)).all()
+            oldest_rows = (await conn.execute(oldest)).all()
+        by_queue: dict[str, dict[JobState, int]] = {}
+        for queue, state, count in count_rows:
+            by_queue.setdefault(queue, {})[JobState(state)] = count
+        oldest_by_queue = {
+            queue: UTCDateTime().process_result_value(value, self._engine.dialect) for queue, value in oldest_rows
+        }
+        return [
+            QueueStats(queue=queue, counts=by_queue[queue], oldest_runnable_at=oldest_by_queue.get(queue))
+            for queue in sorted(by_queue)
+        ]
+
+    # -- operator actions -----------------------------------------------------------------
+
+    async def _transition(
+        self, job_id: str, from_states: Sequence[JobState], values: dict[str, Any], operation: str
+    ) -> Job:
+        change = (
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state.in_([state.value for state in from_states]))
+            .values(**values)
+            .returning(*jobs.c)
+        )
+        async with self._writing() as conn:
+            row = (await conn.execute(change)).mappings().first()
+            state = None
+            if row is None:
+                state = (await conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
+        if row is not None:
+            if values.get("state") == JobState.QUEUED.value:
+                self._work_added.set()
+            return _row_to_job(row)
+        if state is None:
+            raise JobNotFoundError(job_id)
+        raise JobStateError(job_id, state, operation, [state.value for state in from_states])
+
+    @_guarded
+    async def cancel_job(self, job_id: str, *, now: datetime) -> Job:
+        """Cancel a job that has not started (queued, scheduled or retrying)."""
+        return await self._transition(
+            job_id,
+            CANCELLABLE_STATES,
+            {"state": JobState.CANCELLED.value, "finished_at": now, "updated_at": now},
+            "cancel",
+        )
+
+    @_guarded
+    async def retry_job(self, job_id: str, *, now: datetime) -> Job:
+        """Queue a dead or cancelled job again with its full number of attempts (a DLQ replay)."""
+        return await self._transition(
+            job_id,
+            REPLAYABLE_STATES,
+            {
+                "state": JobState.QUEUED.value,
+                "attempt": 0,
+                "run_at": now,
+                "finished_at": None,
+                "updated_at": now,
+            },
+            "retry",
+        )
