@@ -209,7 +209,9 @@ class Worker:
     async def _attempt(self, running: _Running, executor: Executor) -> None:
         assert self._ack_ready is not None
         try:
-            self._acks.append(await executor.execute(running.job))
+            # Await first, then append: `self._acks` is swapped out by the acker meanwhile.
+            ack = await executor.execute(running.job)
+            self._acks.append(ack)
         except asyncio.CancelledError:
             if not running.lease_lost:
                 self._acks.append(executor.released(running.job, running.started_at))

@@ -1,0 +1,89 @@
+"""Tasks for tests that run real worker processes (``--app tests.support.tasks:app``).
+
+Side effects go to the file named by ``CONVEYOR_TEST_EFFECTS``: one line per run, appended
+with O_APPEND so concurrent processes never interleave a line. Tests count these lines, not
+rows in the job table, to prove each job ran exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from conveyor import Conveyor, JobContext, PermanentError, constant
+
+app = Conveyor()
+
+
+def record(line: str) -> None:
+    """Append one line to the effects file (atomic for short lines under O_APPEND)."""
+    path = os.environ.get("CONVEYOR_TEST_EFFECTS")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_effects(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@app.task
+async def noop(n: int) -> int:
+    return n
+
+
+@app.task
+async def effect(n: int, ctx: JobContext) -> int:
+    record(f"{ctx.job_id} {n}")
+    return n
+
+
+@app.task
+async def slow_effect(seconds: float, ctx: JobContext) -> float:
+    """Records when it starts and when it finishes, so a test can see an interrupted run."""
+    record(f"start {ctx.job_id} {ctx.attempt}")
+    await asyncio.sleep(seconds)
+    record(f"done {ctx.job_id} {ctx.attempt}")
+    return seconds
+
+
+@app.task
+def sync_effect(seconds: float, ctx: JobContext) -> float:
+    time.sleep(seconds)
+    record(f"done {ctx.job_id} {ctx.attempt}")
+    return seconds
+
+
+@app.task(max_attempts=3, backoff=constant(0.05))
+async def always_fails(message: str) -> None:
+    raise RuntimeError(message)
+
+
+@app.task(cpu=True)
+def cpu_square(n: int) -> int:
+    return n * n
+
+
+@app.task(cpu=True, max_attempts=2, backoff=constant(0))
+def cpu_crash(code: int = 3) -> None:
+    """Ends its own process the hard way, as a segfault or an OOM kill would."""
+    os._exit(code)
+
+
+@app.task(cpu=True, max_attempts=1)
+def cpu_spin(seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+    return "finished"
+
+
+@app.task(max_attempts=1)
+async def permanent_failure() -> None:
+    raise PermanentError("this input can never work")
