@@ -2,7 +2,7 @@
 
 from conveyor.app import Conveyor
 from conveyor.backoff import Exponential, constant
-from conveyor.context import JobContext
+from conveyor.context import CONTEXT, JobContext
 from conveyor.engine.worker import Worker
 from conveyor.errors import (
     ConfigError,
@@ -21,6 +21,7 @@ from conveyor.settings import Settings
 from conveyor.tasks import Task
 
 __all__ = [
+    "CONTEXT",
     "AttemptRecord",
     "ConfigError",
     "Conveyor",

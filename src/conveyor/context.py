@@ -35,3 +35,24 @@ class JobContext:
             attempt=self.attempt,
             correlation_id=self.correlation_id,
         )
+
+
+class _InjectedContext:
+    """The default of a ``JobContext`` parameter: the worker always passes the real context."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            f"JobContext.{name} is only there when a worker runs the task; called directly, the task has no job"
+        )
+
+    def __repr__(self) -> str:
+        return "conveyor.CONTEXT"
+
+
+CONTEXT: Any = _InjectedContext()
+"""Default for a task's context parameter, so callers (and type checkers) need not pass one::
+
+    @app.task
+    async def send(to: str, ctx: JobContext = CONTEXT) -> None:
+        ctx.logger.info("sending", to=to)
+"""

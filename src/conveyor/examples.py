@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from conveyor import Conveyor, JobContext, PermanentError
+from conveyor import CONTEXT, Conveyor, JobContext, PermanentError
 
 app = Conveyor()
 
@@ -45,10 +45,9 @@ def fibonacci(n: int) -> int:
 
 
 @app.task(max_attempts=3)
-async def flaky(failure_rate: float = 0.5, ctx: JobContext | None = None) -> str:
+async def flaky(failure_rate: float = 0.5, ctx: JobContext = CONTEXT) -> str:
     """Fails at random, to watch retries and the dead-letter queue at work."""
-    if ctx is not None:
-        ctx.logger.info("flaky.attempt", failure_rate=failure_rate)
+    ctx.logger.info("flaky.attempt", failure_rate=failure_rate)
     if random.random() < failure_rate:  # noqa: S311 - a demo, not cryptography
         raise RuntimeError("the coin came up tails")
     return "heads"

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from conveyor import Conveyor, JobContext, PermanentError, constant
+from conveyor import CONTEXT, Conveyor, JobContext, PermanentError, constant
 
 app = Conveyor()
 
@@ -39,13 +39,13 @@ async def noop(n: int) -> int:
 
 
 @app.task
-async def effect(n: int, ctx: JobContext) -> int:
+async def effect(n: int, ctx: JobContext = CONTEXT) -> int:
     record(f"{ctx.job_id} {n}")
     return n
 
 
 @app.task
-async def slow_effect(seconds: float, ctx: JobContext) -> float:
+async def slow_effect(seconds: float, ctx: JobContext = CONTEXT) -> float:
     """Records when it starts and when it finishes, so a test can see an interrupted run."""
     record(f"start {ctx.job_id} {ctx.attempt}")
     await asyncio.sleep(seconds)
@@ -54,7 +54,7 @@ async def slow_effect(seconds: float, ctx: JobContext) -> float:
 
 
 @app.task
-def sync_effect(seconds: float, ctx: JobContext) -> float:
+def sync_effect(seconds: float, ctx: JobContext = CONTEXT) -> float:
     time.sleep(seconds)
     record(f"done {ctx.job_id} {ctx.attempt}")
     return seconds
@@ -87,3 +87,13 @@ def cpu_spin(seconds: float) -> str:
 @app.task(max_attempts=1)
 async def permanent_failure() -> None:
     raise PermanentError("this input can never work")
+
+
+@app.task
+async def until_marker(marker: str, ctx: JobContext = CONTEXT) -> str:
+    """Records its start, then runs until the marker file exists: a job as long as a test needs."""
+    record(f"start {ctx.job_id} {ctx.attempt}")
+    while not Path(marker).exists():
+        await asyncio.sleep(0.02)
+    record(f"done {ctx.job_id} {ctx.attempt}")
+    return "marker seen"

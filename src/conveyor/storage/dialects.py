@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,23 @@ _NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "fuse.sshf
 WRITE_OPTION = "conveyor_write"
 
 
+# orjson handles integers up to 64 bits only: it refuses to write a bigger one, and reads one
+# back as a float. A run of 19 digits may be such a number; the standard library keeps it exact.
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
 def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _loads(value: str | bytes) -> Any:
-    return orjson.loads(value)
+    text = value if isinstance(value, str) else value.decode()
+    if _LONG_DIGITS.search(text):
+        return json.loads(text)
+    return orjson.loads(text)
 
 
 def sqlite_path(url: sa.URL) -> Path | None:

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import CoroutineType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -85,6 +85,11 @@ def _guarded(
 
 def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A stored timestamp comes back in UTC; naive values are left for the column type to refuse."""
+    return value.astimezone(UTC) if value.tzinfo is not None else value
 
 
 def _row_to_job(row: Mapping[str, Any]) -> Job:
@@ -178,7 +183,9 @@ class SqlStore:
 
     @staticmethod
     def _new_row(new: NewJob, now: datetime) -> dict[str, Any]:
-        run_at = new.run_at or now
+        # The returned job is built from this row, so it must read as a stored one: UTC.
+        now = _as_utc(now)
+        run_at = _as_utc(new.run_at or now)
         return {
             "id": new.id,
             "task": new.task,
@@ -260,9 +267,9 @@ class SqlStore:
         extend = (
             sa.update(jobs)
             .where(
-                jobs.c.id.in_(list(leases)),
+                # Each job under its own owner: one call carries several lease tokens.
+                sa.tuple_(jobs.c.id, jobs.c.lease_owner).in_(list(leases.items())),
                 jobs.c.state == JobState.RUNNING.value,
-                jobs.c.lease_owner.in_(set(leases.values())),
             )
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
             .returning(jobs.c.id, jobs.c.lease_owner)

@@ -1,0 +1,408 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import timedelta
+
+import pytest
+from tests.engine.conftest import running_worker
+from tests.support import tasks as support
+
+from conveyor import CONTEXT, Conveyor, Exponential, JobContext, JobState, Outcome, PermanentError, constant
+from conveyor.jobs import NewJob
+from conveyor.testing import drain
+
+
+async def test_async_sync_and_cpu_tasks_all_run_to_success(app: Conveyor) -> None:
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    def thread_name() -> str:
+        return threading.current_thread().name
+
+    cpu = app.task(name="square", cpu=True)(support.cpu_square.fn)
+    jobs = [await add.enqueue(2, 3), await thread_name.enqueue(), await cpu.enqueue(7)]
+
+    stats = await drain(app)
+
+    done = [await app.get_job(job.id) for job in jobs]
+    assert [job.state for job in done] == [JobState.SUCCEEDED] * 3
+    assert done[0].result == 5
+    assert done[1].result.startswith("conveyor-task"), "sync tasks run in the worker's thread pool"
+    assert done[2].result == 49
+    assert stats.claimed == 3
+    assert all(job.attempt == 1 and job.history[0].outcome is Outcome.SUCCEEDED for job in done)
+
+
+async def test_a_task_asking_for_a_context_gets_its_job_identity(app: Conveyor) -> None:
+    seen: list[JobContext] = []
+
+    @app.task
+    async def introspect(value: int, ctx: JobContext = CONTEXT) -> int:
+        seen.append(ctx)
+        return value
+
+    job = await introspect.using(correlation_id="req-42").enqueue(1)
+    await drain(app)
+
+    (ctx,) = seen
+    assert (ctx.job_id, ctx.task, ctx.attempt, ctx.correlation_id) == (job.id, "introspect", 1, "req-42")
+    assert ctx.is_last_attempt is False
+
+
+async def test_retries_follow_the_backoff_schedule_and_end_dead_with_the_error_kept(app: Conveyor) -> None:
+    asked: list[int] = []
+
+    def doubling(attempt: int) -> float:
+        asked.append(attempt)
+        return 0.05 * 2 ** (attempt - 1)
+
+    @app.task(max_attempts=3, backoff=doubling)
+    async def broken() -> None:
+        raise ValueError("the upstream said no")
+
+    job = await broken.enqueue()
+    async with running_worker(app):
+        final = await app.wait_for_job(job.id, timeout=30)
+
+    assert final.state is JobState.DEAD
+    assert final.attempt == 3
+    assert asked == [1, 2], "a backoff is computed after every failure but the last"
+    assert final.error is not None
+    assert (final.error.type, final.error.message) == ("ValueError", "the upstream said no")
+    assert final.error.traceback is not None
+    assert "the upstream said no" in final.error.traceback
+    assert [record.outcome for record in final.history] == [Outcome.FAILED] * 3
+    for attempt in (1, 2):
+        previous, following = final.history[attempt - 1], final.history[attempt]
+        assert following.started_at is not None
+        waited = following.started_at - previous.ended_at
+        assert waited >= timedelta(seconds=0.05 * 2 ** (attempt - 1)), f"retry {attempt} came too early"
+
+
+async def test_permanent_error_goes_dead_at_once(app: Conveyor) -> None:
+    @app.task(max_attempts=5)
+    async def hopeless() -> None:
+        raise PermanentError("bad input, retrying cannot help")
+
+    job = await hopeless.enqueue()
+    await drain(app)
+
+    final = await app.get_job(job.id)
+    assert (final.state, final.attempt) == (JobState.DEAD, 1)
+    assert final.error is not None
+    assert final.error.type == "PermanentError"
+
+
+async def test_only_errors_named_in_retry_on_are_retried(app: Conveyor) -> None:
+    @app.task(max_attempts=5, retry_on=ConnectionError, backoff=constant(0))
+    async def picky(kind: str) -> None:
+        raise ConnectionError(kind) if kind == "transient" else KeyError(kind)
+
+    transient = await picky.using(max_attempts=2).enqueue("transient")
+    fatal = await picky.enqueue("fatal")
+    async with running_worker(app):
+        transient_done = await app.wait_for_job(transient.id, timeout=30)
+        fatal_done = await app.wait_for_job(fatal.id, timeout=30)
+
+    assert (transient_done.state, transient_done.attempt) == (JobState.DEAD, 2)
+    assert (fatal_done.state, fatal_done.attempt) == (JobState.DEAD, 1)
+
+
+async def test_a_retried_job_succeeds_once_the_error_goes_away(app: Conveyor) -> None:
+    failures = iter([RuntimeError("first"), RuntimeError("second")])
+
+    @app.task(max_attempts=5, backoff=constant(0))
+    async def flaky() -> str:
+        error = next(failures, None)
+        if error:
+            raise error
+        return "third time lucky"
+
+    job = await flaky.enqueue()
+    async with running_worker(app):
+        final = await app.wait_for_job(job.id, timeout=30)
+
+    assert (final.state, final.attempt, final.result) == (JobState.SUCCEEDED, 3, "third time lucky")
+    assert final.error is None or final.error.message == "second", "the last error stays for the record"
+    assert [record.outcome for record in final.history] == [Outcome.FAILED, Outcome.FAILED, Outcome.SUCCEEDED]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_timeout_fails_the_attempt(app: Conveyor, kind: str) -> None:
+    release = threading.Event()
+
+    @app.task(name="slow_async", timeout=0.2, max_attempts=1)
+    async def slow_async() -> None:
+        await asyncio.sleep(30)
+
+    @app.task(name="slow_sync", timeout=0.2, max_attempts=1)
+    def slow_sync() -> None:
+        release.wait(30)
+
+    task = slow_async if kind == "async" else slow_sync
+    job = await task.enqueue()
+    try:
+        await drain(app)
+    finally:
+        release.set()
+
+    final = await app.get_job(job.id)
+    assert final.state is JobState.DEAD
+    assert final.error is not None
+    assert final.error.type == "TimeoutError"
+    assert "0.2" in final.error.message
+
+
+async def test_a_cpu_task_past_its_timeout_is_killed_and_the_pool_recovers(app: Conveyor) -> None:
+    spin = app.task(name="spin", cpu=True, max_attempts=1, timeout=0.5)(support.cpu_spin.fn)
+    square = app.task(name="square", cpu=True)(support.cpu_square.fn)
+    stuck = await spin.enqueue(60)
+    await drain(app)
+    after = await square.enqueue(9)
+    await drain(app)
+
+    stuck_final = await app.get_job(stuck.id)
+    assert stuck_final.state is JobState.DEAD
+    assert stuck_final.error is not None
+    assert stuck_final.error.type == "TimeoutError"
+    assert (await app.get_job(after.id)).result == 81
+
+
+async def test_a_crashing_cpu_task_fails_its_attempts_and_the_worker_goes_on(app: Conveyor) -> None:
+    crash = app.task(name="crash", cpu=True, max_attempts=2, backoff=constant(0))(support.cpu_crash.fn)
+    square = app.task(name="square", cpu=True)(support.cpu_square.fn)
+    crashed = await crash.enqueue()
+    fine = await square.enqueue(4)
+
+    async with running_worker(app):
+        crashed_final = await app.wait_for_job(crashed.id, timeout=60)
+        fine_final = await app.wait_for_job(fine.id, timeout=60)
+        later = await square.enqueue(5)
+        later_final = await app.wait_for_job(later.id, timeout=60)
+
+    assert (crashed_final.state, crashed_final.attempt) == (JobState.DEAD, 2)
+    assert crashed_final.error is not None
+    assert crashed_final.error.type == "ProcessCrashedError"
+    assert fine_final.result == 16
+    assert later_final.result == 25
+
+
+async def test_a_job_for_an_unregistered_task_retries_then_dies(app: Conveyor) -> None:
+    store = await app.store()
+    (job,) = await store.insert_jobs(
+        [NewJob(task="renamed_long_ago", args=[], kwargs={}, max_attempts=2)], now=app.clock()
+    )
+    async with running_worker(app):
+        final = await app.wait_for_job(job.id, timeout=30)
+
+    assert (final.state, final.attempt) == (JobState.DEAD, 2)
+    assert final.error is not None
+    assert final.error.type == "UnknownTaskError"
+
+
+async def test_a_result_that_is_not_json_fails_the_job_permanently(app: Conveyor) -> None:
+    @app.task(max_attempts=3)
+    async def returns_object() -> object:
+        return object()
+
+    job = await returns_object.enqueue()
+    await drain(app)
+
+    final = await app.get_job(job.id)
+    assert (final.state, final.attempt) == (JobState.DEAD, 1)
+    assert final.error is not None
+    assert "not JSON" in final.error.message
+
+
+async def test_higher_priority_runs_first(app: Conveyor) -> None:
+    order: list[str] = []
+
+    @app.task
+    async def mark(label: str) -> None:
+        order.append(label)
+
+    await mark.using(priority=0).enqueue("low")
+    await mark.using(priority=10).enqueue("high")
+    await mark.using(priority=5).enqueue("middle")
+    await drain(app, concurrency=1)
+
+    assert order == ["high", "middle", "low"]
+
+
+async def test_concurrency_is_never_exceeded(app: Conveyor) -> None:
+    active = 0
+    peak = 0
+
+    @app.task
+    async def overlap() -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.02)
+        active -= 1
+
+    await app.enqueue_many([overlap.job() for _ in range(12)])
+    await drain(app, concurrency=3)
+
+    assert peak == 3
+
+
+async def test_only_the_named_queues_are_served(app: Conveyor) -> None:
+    @app.task
+    async def where() -> None:
+        return None
+
+    mine = await where.using(queue="emails").enqueue()
+    other = await where.using(queue="reports").enqueue()
+    await drain(app, queues=["emails"])
+
+    assert (await app.get_job(mine.id)).state is JobState.SUCCEEDED
+    assert (await app.get_job(other.id)).state is JobState.QUEUED
+
+
+async def test_an_idle_worker_is_woken_by_an_enqueue_in_the_same_process(database_url: str) -> None:
+    app = Conveyor(database_url=database_url, poll_interval_seconds=60)
+    started = asyncio.Event()
+
+    @app.task
+    async def ping() -> None:
+        started.set()
+
+    try:
+        async with running_worker(app):
+            await asyncio.sleep(0)  # let the worker go idle first
+            await ping.enqueue()
+            # Far below the 60 s poll: only the wake-up can have started it.
+            await asyncio.wait_for(started.wait(), 10)
+    finally:
+        await app.close()
+
+
+async def test_a_delayed_job_waits_for_its_time(app: Conveyor) -> None:
+    ran = asyncio.Event()
+
+    @app.task
+    async def later() -> None:
+        ran.set()
+
+    job = await later.using(delay=0.3).enqueue()
+    assert job.state is JobState.SCHEDULED
+    async with running_worker(app):
+        await asyncio.wait_for(ran.wait(), 10)
+        final = await app.wait_for_job(job.id, timeout=10)
+
+    assert final.attempted_at is not None
+    assert final.attempted_at >= job.run_at
+
+
+async def test_shutdown_lets_short_jobs_finish_within_the_grace_period(app: Conveyor) -> None:
+    entered = asyncio.Event()
+
+    @app.task
+    async def short() -> str:
+        entered.set()
+        await asyncio.sleep(0.2)
+        return "finished"
+
+    job = await short.enqueue()
+    async with running_worker(app):
+        await asyncio.wait_for(entered.wait(), 10)
+
+    final = await app.get_job(job.id)
+    assert (final.state, final.result, final.attempt) == (JobState.SUCCEEDED, "finished", 1)
+
+
+async def test_shutdown_hands_back_jobs_that_outlive_the_grace_period_without_burning_an_attempt(
+    database_url: str,
+) -> None:
+    app = Conveyor(database_url=database_url, shutdown_grace_seconds=0.1, poll_interval_seconds=0.05)
+    entered = asyncio.Event()
+    cleaned_up = asyncio.Event()
+
+    @app.task
+    async def long_running() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cleaned_up.set()
+            raise
+
+    try:
+        job = await long_running.enqueue()
+        async with running_worker(app):
+            await asyncio.wait_for(entered.wait(), 10)
+
+        handed_back = await app.get_job(job.id)
+        assert cleaned_up.is_set(), "the task saw CancelledError and ran its cleanup"
+        assert (handed_back.state, handed_back.attempt) == (JobState.QUEUED, 0)
+        assert handed_back.lease_owner is None
+        assert [record.outcome for record in handed_back.history] == [Outcome.RELEASED]
+    finally:
+        await app.close()
+
+
+async def test_a_job_whose_lease_expired_is_rescued_and_run_again(database_url: str) -> None:
+    app = Conveyor(database_url=database_url, lease_seconds=0.3, poll_interval_seconds=0.05)
+
+    @app.task
+    async def survivor() -> str:
+        return "ran"
+
+    try:
+        job = await survivor.enqueue()
+        store = await app.store()
+        # A worker that claimed the job and then vanished: nobody renews this lease.
+        (claimed,) = await store.fetch_jobs(
+            queues=["default"], limit=1, lease_owner="ghost#1", lease_seconds=0.3, now=app.clock()
+        )
+        assert claimed.id == job.id
+        async with running_worker(app):
+            final = await app.wait_for_job(job.id, timeout=30)
+
+        assert (final.state, final.attempt, final.result) == (JobState.SUCCEEDED, 2, "ran")
+        assert [record.outcome for record in final.history] == [Outcome.LOST, Outcome.SUCCEEDED]
+        assert final.history[0].worker == "ghost#1"
+    finally:
+        await app.close()
+
+
+async def test_a_worker_that_loses_its_lease_stops_the_attempt_and_its_late_ack_changes_nothing(
+    database_url: str,
+) -> None:
+    app = Conveyor(database_url=database_url, lease_seconds=0.6, poll_interval_seconds=0.05)
+    entered = asyncio.Event()
+    stopped = asyncio.Event()
+
+    @app.task(max_attempts=1)
+    async def long_running() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    try:
+        job = await long_running.enqueue()
+        async with running_worker(app):
+            await asyncio.wait_for(entered.wait(), 10)
+            # Another party rescues the job as if this worker's lease had run out.
+            rescued = await (await app.store()).rescue_jobs(now=app.clock() + timedelta(hours=1))
+            assert [found.id for found in rescued] == [job.id]
+            await asyncio.wait_for(stopped.wait(), 10)
+
+        final = await app.get_job(job.id)
+        assert final.state is JobState.DEAD, "out of attempts once the lost attempt counted"
+        assert [record.outcome for record in final.history] == [Outcome.LOST]
+    finally:
+        await app.close()
+
+
+async def test_backoff_schedule_defaults_to_exponential_with_full_jitter() -> None:
+    backoff = Exponential(base=1, factor=2, maximum=10)
+    assert [backoff.cap(attempt) for attempt in range(1, 6)] == [1, 2, 4, 8, 10]
+    assert all(0 <= backoff(attempt) <= backoff.cap(attempt) for attempt in range(1, 50))
