@@ -41,7 +41,10 @@ class Exponential:
         # Past ~1,000 doublings the float overflows; the cap has long been reached by then.
         if exponent > _MAX_EXPONENT:
             return self.maximum
-        return min(self.maximum, self.base * self.factor**exponent)
+        try:
+            return min(self.maximum, self.base * self.factor**exponent)
+        except OverflowError:  # a factor above 2 leaves the float range sooner (3.0 ** 999)
+            return self.maximum
 
     def __call__(self, attempt: int) -> float:
         cap = self.cap(attempt)

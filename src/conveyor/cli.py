@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import ipaddress
 import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
+import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -32,8 +36,9 @@ from conveyor.errors import (
     StorageError,
     TaskError,
 )
-from conveyor.jobs import Job, JobState
+from conveyor.jobs import Job, JobState, TokenRecord
 from conveyor.log import configure_logging
+from conveyor.tokens import NewToken, Scope, create_token
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,7 +53,7 @@ errors = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     sys.exit(code)
 
 
@@ -86,6 +91,9 @@ def load_app(reference: str | None) -> Conveyor:
         _fail(str(exc), EXIT_BAD_INPUT)
     except ImportError as exc:
         _fail(f"cannot import {module_name!r} (from --app {reference!r}): {exc}", EXIT_BAD_INPUT)
+    except Exception as exc:  # noqa: BLE001 - the app's own code failed: bad input (2), not a failed job (1)
+        traceback.print_exc()
+        _fail(f"cannot import {module_name!r} (from --app {reference!r}): {type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
     for part in (attribute or "app").split("."):
         if not hasattr(target, part):
             _fail(f"{module_name!r} has no attribute {part!r} (from --app {reference!r})", EXIT_BAD_INPUT)
@@ -134,12 +142,12 @@ def _jobs_table(jobs: list[Job], title: str) -> Table:
         error = f"{job.error.type}: {job.error.message}" if job.error else ""
         table.add_row(
             job.id,
-            job.task,
-            job.queue,
+            escape(job.task),
+            escape(job.queue),
             f"[{style}]{job.state}[/]" if style else job.state.value,
             f"{job.attempt}/{job.max_attempts}",
             _when(job.run_at),
-            error[:80],
+            escape(error[:80]),
         )
     return table
 
@@ -163,7 +171,7 @@ def _show_job(job: Job) -> None:
         "correlation id": job.correlation_id or "-",
     }
     for key, value in rows.items():
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     console.print(table)
     if job.history:
         history = Table(title="attempts", title_justify="left")
@@ -174,10 +182,10 @@ def _show_job(job: Job) -> None:
             history.add_row(
                 str(record.attempt),
                 record.outcome.value,
-                record.worker or "-",
+                escape(record.worker or "-"),
                 _when(record.started_at),
                 _when(record.ended_at),
-                error[:80],
+                escape(error[:80]),
             )
         console.print(history)
 
@@ -200,7 +208,7 @@ def _wait_for(app: Conveyor, job_id: str, timeout: float | None, as_json: bool) 
 
     if as_json or not console.is_terminal:
         return run_async(wait())
-    with console.status(f"waiting for job {job_id}"):
+    with console.status(f"waiting for job {escape(job_id)}"):
         return run_async(wait())
 
 
@@ -313,7 +321,7 @@ def enqueue(
         if as_json:
             _emit_json(job.to_json())
         else:
-            console.print(f"enqueued [bold]{job.id}[/] ({job.task} on {job.queue}, {job.state})")
+            console.print(f"enqueued [bold]{job.id}[/] ({escape(job.task)} on {escape(job.queue)}, {job.state})")
         return
     _finish_with(_wait_for(app, job.id, timeout, as_json), as_json)
 
@@ -446,7 +454,7 @@ def dlq_replay(
     else:
         console.print(f"replayed {len(replayed)} job(s)")
         for problem in problems:
-            errors.print(f"[red]error:[/] {problem}", highlight=False)
+            errors.print(f"[red]error:[/] {escape(problem)}", highlight=False)
     if problems:
         sys.exit(EXIT_CONFLICT)
 
@@ -461,6 +469,15 @@ def _settings_only() -> Conveyor:
         return Conveyor(auto_migrate=False)
     except ConfigError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
+
+
+def _migrate_to(revision: str, migration: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    from alembic.util import CommandError  # noqa: PLC0415
+
+    try:
+        return run_async(migration())
+    except CommandError as exc:  # no such revision, or not a target from the current one: bad input
+        _fail(f"cannot migrate to {revision!r}: {exc}", EXIT_BAD_INPUT)
 
 
 @db.command("upgrade")
@@ -478,7 +495,7 @@ def db_upgrade(revision: str) -> None:
         finally:
             await engine.dispose()
 
-    status = run_async(upgrade())
+    status = _migrate_to(revision, upgrade)
     console.print(f"schema at revision {status.current} (head {status.head})")
 
 
@@ -497,7 +514,7 @@ def db_downgrade(revision: str) -> None:
         finally:
             await engine.dispose()
 
-    status = run_async(downgrade())
+    status = _migrate_to(revision, downgrade)
     console.print(f"schema at revision {status.current or 'base'} (head {status.head})")
 
 
@@ -545,6 +562,151 @@ def db_prune(older_than: float, as_json: bool) -> None:
         _emit_json({"deleted": deleted})
     else:
         console.print(f"deleted {deleted} finished job(s)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command()
+@_with_app
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65_535))
+@click.option("--no-worker", is_flag=True, help="Serve the API only; run workers elsewhere.")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Embedded worker's jobs at once.")
+@click.option("--insecure", is_flag=True, help="Allow serving without API tokens on a non-loopback address.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
+def serve(
+    app: Conveyor, host: str, port: int, no_worker: bool, concurrency: int | None, insecure: bool, access_log: bool
+) -> None:
+    """Run the HTTP API (and, unless --no-worker, a worker in the same process)."""
+    import uvicorn  # noqa: PLC0415 - only this command serves HTTP
+
+    from conveyor.api import create_app  # noqa: PLC0415
+
+    configure_logging(app.settings)
+    log = structlog.get_logger("conveyor.api")
+
+    async def run() -> None:
+        store = await app.store()
+        if await store.count_active_tokens() == 0:
+            if not _is_loopback(host) and not insecure:
+                await app.close()
+                raise ConfigError(
+                    f"refusing to serve on {host} without API tokens",
+                    [
+                        "create one with `conveyor tokens create --name NAME --scope admin`",
+                        "or listen on a loopback address (--host 127.0.0.1)",
+                        "or pass --insecure to serve an open API anyway",
+                    ],
+                )
+            log.warning("api.open", host=host, reason="no API tokens exist: every request is allowed")
+        config = uvicorn.Config(
+            create_app(app, run_worker=not no_worker, concurrency=concurrency),
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=access_log,
+            lifespan="on",
+            timeout_graceful_shutdown=int(app.settings.shutdown_grace_seconds) + 5,
+        )
+        log.info("api.starting", host=host, port=port, worker=not no_worker)
+        await uvicorn.Server(config).serve()
+
+    run_async(run())
+
+
+@cli.group()
+def tokens() -> None:
+    """API tokens for the HTTP API."""
+
+
+@tokens.command("create")
+@click.option("--name", required=True, help="Who or what the token is for.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice([scope.value for scope in Scope]),
+    help="jobs:read, jobs:write or admin (repeatable).",
+)
+@JSON_OPTION
+def tokens_create(name: str, scopes: tuple[str, ...], as_json: bool) -> None:
+    """Create a token. It is shown once and stored only as a hash."""
+    app = load_app(None)
+
+    async def create() -> NewToken:
+        try:
+            new = create_token(name, scopes, now=app.clock())
+            await (await app.store()).insert_token(new.record)
+            return new
+        finally:
+            await app.close()
+
+    new = run_async(create())
+    if as_json:
+        _emit_json({"id": new.record.id, "name": name, "scopes": list(new.record.scopes), "token": new.plaintext})
+        return
+    errors.print(f"token {new.record.id} ({name}; {', '.join(new.record.scopes)}). Shown once, keep it safe:")
+    click.echo(new.plaintext)
+
+
+@tokens.command("list")
+@JSON_OPTION
+def tokens_list(as_json: bool) -> None:
+    """List tokens (never their secrets)."""
+    app = load_app(None)
+
+    async def fetch() -> list[TokenRecord]:
+        try:
+            return await (await app.store()).list_tokens()
+        finally:
+            await app.close()
+
+    found = run_async(fetch())
+    if as_json:
+        _emit_json(
+            [
+                {
+                    "id": token.id,
+                    "name": token.name,
+                    "scopes": list(token.scopes),
+                    "created_at": token.created_at.isoformat(),
+                    "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
+                }
+                for token in found
+            ]
+        )
+        return
+    table = Table(title=f"{len(found)} tokens", title_justify="left")
+    for column in ("id", "name", "scopes", "created", "revoked"):
+        table.add_column(column)
+    for token in found:
+        table.add_row(token.id, token.name, ", ".join(token.scopes), _when(token.created_at), _when(token.revoked_at))
+    console.print(table)
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token at once: requests carrying it get 401."""
+    app = load_app(None)
+
+    async def revoke() -> bool:
+        try:
+            return await (await app.store()).revoke_token(token_id, now=app.clock())
+        finally:
+            await app.close()
+
+    if not run_async(revoke()):
+        _fail(f"no active token with id {token_id!r}", EXIT_CONFLICT)
+    console.print(f"revoked {token_id}")
 
 
 def main() -> None:

@@ -114,6 +114,8 @@ class NewJob:
     """None means now."""
     timeout_seconds: float | None = None
     idempotency_key: str | None = None
+    request_digest: str | None = None
+    """Fingerprint of the request that carried ``idempotency_key`` (the HTTP API sets it)."""
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None
@@ -146,6 +148,7 @@ class Job:
     history: tuple[AttemptRecord, ...] = ()
     """Every finished attempt, oldest first. A running attempt is not in it yet."""
     idempotency_key: str | None = None
+    request_digest: str | None = None
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None
@@ -229,3 +232,15 @@ class QueueStats:
     queue: str
     counts: dict[JobState, int]
     oldest_runnable_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """An API token as stored: never the secret, only its hash."""
+
+    id: str
+    name: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None = None

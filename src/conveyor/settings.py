@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)
     auto_migrate: bool | None = None
     """Bring the schema up to date on first use; None means yes for SQLite, no for PostgreSQL."""
+    max_request_bytes: int = Field(default=1_048_576, ge=1_024, le=1_073_741_824)
+    """The HTTP API refuses larger request bodies with 413, before reading them whole."""
+    batch_limit: int = Field(default=1_000, ge=1, le=100_000)
+    """Most jobs one ``POST /jobs/batch`` may carry."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from conveyor.jobs import Ack, Job, JobFilter, NewJob, Page, QueueStats
+from conveyor.jobs import Ack, Job, JobFilter, NewJob, Page, QueueStats, TokenRecord
 from conveyor.settings import Settings
 
 
@@ -40,6 +40,22 @@ class Store(Protocol):
     async def cancel_job(self, job_id: str, *, now: datetime) -> Job: ...
 
     async def retry_job(self, job_id: str, *, now: datetime) -> Job: ...
+
+    def on_jobs_finished(self, listener: Callable[[set[str]], None]) -> None: ...
+
+    async def schema_revision(self) -> str | None: ...
+
+    async def finished_among(self, job_ids: Sequence[str]) -> set[str]: ...
+
+    async def insert_token(self, token: TokenRecord) -> None: ...
+
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+
+    async def list_tokens(self) -> list[TokenRecord]: ...
+
+    async def count_active_tokens(self) -> int: ...
+
+    async def revoke_token(self, token_id: str, *, now: datetime) -> bool: ...
 
     async def close(self) -> None: ...
 

@@ -92,6 +92,8 @@ jobs = sa.Table(
     sa.Column("error", JSONType, nullable=True),
     sa.Column("history", JSONType, nullable=False),
     sa.Column("idempotency_key", sa.String(255), nullable=True),
+    # A digest of the request that used the idempotency key, to tell a replay from a misuse.
+    sa.Column("request_digest", sa.String(64), nullable=True),
     sa.Column("correlation_id", sa.String(255), nullable=True),
     # Room for workflows: a job may belong to one and hang below a parent job.
     sa.Column("workflow_id", sa.String(36), nullable=True),
@@ -127,3 +129,14 @@ sa.Index(
 )
 sa.Index("ix_conveyor_jobs_state_queue", jobs.c.state, jobs.c.queue)
 sa.Index("ix_conveyor_jobs_workflow_id", jobs.c.workflow_id)
+
+tokens = sa.Table(
+    "conveyor_tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("scopes", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+)

@@ -39,9 +39,10 @@ from conveyor.jobs import (
     Outcome,
     Page,
     QueueStats,
+    TokenRecord,
 )
 from conveyor.storage import dialects
-from conveyor.storage.schema import JSONType, UTCDateTime, jobs
+from conveyor.storage.schema import JSONType, UTCDateTime, jobs, tokens
 
 _RUNNABLE = [state.value for state in RUNNABLE_STATES]
 _FINISHED = [state.value for state in FINISHED_STATES]
@@ -115,6 +116,7 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
         error=JobError.from_json(row["error"]),
         history=tuple(AttemptRecord.from_json(entry) for entry in row["history"] or ()),
         idempotency_key=row["idempotency_key"],
+        request_digest=row["request_digest"],
         correlation_id=row["correlation_id"],
         parent_id=row["parent_id"],
         workflow_id=row["workflow_id"],
@@ -132,6 +134,7 @@ class SqlStore:
         # letting them meet in SQLite's busy handler, which sleeps.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._work_added = asyncio.Event()
+        self._finish_listeners: list[Callable[[set[str]], None]] = []
         self._ack = self._build_ack_statement()
 
     @property
@@ -206,6 +209,7 @@ class SqlStore:
             "error": None,
             "history": [],
             "idempotency_key": new.idempotency_key,
+            "request_digest": new.request_digest,
             "correlation_id": new.correlation_id,
             "workflow_id": new.workflow_id,
             "parent_id": new.parent_id,
@@ -332,7 +336,34 @@ class SqlStore:
         if not acks:
             return set()
         async with self._writing() as conn:
-            return await self._apply_acks(conn, acks, now)
+            applied = await self._apply_acks(conn, acks, now)
+        self._announce_finished({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied)
+        return applied
+
+    def on_jobs_finished(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener`` with the ids of jobs this store saw finish (acks, cancels, rescues)."""
+        self._finish_listeners.append(listener)
+
+    def _announce_finished(self, job_ids: set[str]) -> None:
+        if job_ids:
+            for listener in self._finish_listeners:
+                listener(job_ids)
+
+    @_guarded
+    async def schema_revision(self) -> str | None:
+        """The migration revision the database is at (a cheap round trip: readiness checks use it)."""
+        from conveyor.storage import migrate  # noqa: PLC0415 - migrate imports this module's package
+
+        return (await migrate.status(self._engine)).current
+
+    @_guarded
+    async def finished_among(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these jobs have finished: one query however many are asked about."""
+        if not job_ids:
+            return set()
+        query = sa.select(jobs.c.id).where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(_FINISHED))
+        async with self._engine.connect() as conn:
+            return set((await conn.execute(query)).scalars())
 
     @_guarded
     async def rescue_jobs(self, *, now: datetime, limit: int = 1_000) -> list[Job]:
@@ -352,6 +383,7 @@ class SqlStore:
             found = [_row_to_job(row) for row in (await conn.execute(expired)).mappings()]
             acks = [self._lost_ack(job, now) for job in found]
             applied = await self._apply_acks(conn, acks, now)
+        self._announce_finished({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied)
         return [job for job in found if job.id in applied]
 
     @staticmethod
@@ -468,6 +500,8 @@ class SqlStore:
         if row is not None:
             if values.get("state") == JobState.QUEUED.value:
                 self._work_added.set()
+            if values.get("state") in _FINISHED:
+                self._announce_finished({job_id})
             return _row_to_job(row)
         if state is None:
             raise JobNotFoundError(job_id)
@@ -498,3 +532,54 @@ class SqlStore:
             },
             "retry",
         )
+
+    # -- API tokens -----------------------------------------------------------------------
+
+    @_guarded
+    async def insert_token(self, token: TokenRecord) -> None:
+        row = {
+            "id": token.id,
+            "name": token.name,
+            "secret_hash": token.secret_hash,
+            "scopes": list(token.scopes),
+            "created_at": token.created_at,
+            "revoked_at": token.revoked_at,
+        }
+        async with self._writing() as conn:
+            await conn.execute(sa.insert(tokens), [row])
+
+    @_guarded
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(tokens).where(tokens.c.id == token_id))).mappings().first()
+        return _row_to_token(row) if row else None
+
+    @_guarded
+    async def list_tokens(self) -> list[TokenRecord]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(tokens).order_by(tokens.c.created_at))).mappings().all()
+        return [_row_to_token(row) for row in rows]
+
+    @_guarded
+    async def count_active_tokens(self) -> int:
+        query = sa.select(sa.func.count()).select_from(tokens).where(tokens.c.revoked_at.is_(None))
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    @_guarded
+    async def revoke_token(self, token_id: str, *, now: datetime) -> bool:
+        """Revoke a token; False if no active token has that id."""
+        change = sa.update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None)).values(revoked_at=now)
+        async with self._writing() as conn:
+            return bool((await conn.execute(change)).rowcount)
+
+
+def _row_to_token(row: Mapping[str, Any]) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        name=row["name"],
+        secret_hash=row["secret_hash"],
+        scopes=tuple(row["scopes"]),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )

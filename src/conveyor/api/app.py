@@ -1,0 +1,67 @@
+"""The app factory: dependencies are built in the lifespan and handed to routes through app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+import structlog
+from fastapi import FastAPI
+
+from conveyor.api.correlation import BodyLimitMiddleware, CorrelationMiddleware
+from conveyor.api.deps import AuthGate
+from conveyor.api.errors import install_error_handlers
+from conveyor.api.routes import jobs, system
+from conveyor.api.watch import JobWatcher
+from conveyor.app import Conveyor
+from conveyor.engine.worker import Worker
+
+logger = structlog.get_logger("conveyor.api")
+
+
+def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int | None = None) -> FastAPI:
+    """The HTTP API for ``conveyor``'s tasks and database, with an embedded worker unless told not to."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncGenerator[None]:
+        store = await conveyor.store()
+        watcher = JobWatcher(store)
+        watcher.start()
+        api.state.watcher = watcher
+        api.state.auth_gate = AuthGate(store)
+        worker = Worker(conveyor, concurrency=concurrency) if run_worker else None
+        api.state.worker_task = asyncio.create_task(worker.run(), name="conveyor-worker") if worker else None
+        try:
+            yield
+        finally:
+            if worker is not None and api.state.worker_task is not None:
+                worker.stop()
+                await asyncio.gather(api.state.worker_task, return_exceptions=True)
+            await watcher.stop()
+            await conveyor.close()
+
+    api = FastAPI(
+        title="Conveyor",
+        summary="Durable background jobs over HTTP",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    api.state.conveyor = conveyor
+    api.state.worker_task = None
+    install_error_handlers(api)
+    api.include_router(system.router)
+    api.include_router(jobs.router)
+    # Outermost first: the correlation id exists before a size check can answer 413.
+    api.add_middleware(BodyLimitMiddleware, max_bytes=conveyor.settings.max_request_bytes)
+    api.add_middleware(CorrelationMiddleware)
+    return api
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415 - only at start-up
+
+    try:
+        return version("conveyor")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "0.0.0"

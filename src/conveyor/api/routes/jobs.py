@@ -1,0 +1,225 @@
+"""Jobs: submit, look up, long-poll, list, cancel, retry, and each job's attempts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response, status
+
+from conveyor.api.correlation import current_correlation_id
+from conveyor.api.deps import CanRead, CanWrite, ConveyorDep, Principal, WatcherDep
+from conveyor.api.errors import ERROR_RESPONSES, ApiError
+from conveyor.api.schemas import (
+    AttemptPublic,
+    AttemptsPublic,
+    BatchCreate,
+    BatchItemResult,
+    BatchResult,
+    ErrorBody,
+    ErrorEnvelope,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+)
+from conveyor.app import Conveyor
+from conveyor.errors import TaskArgumentsError, UnknownTaskError
+from conveyor.jobs import Job, JobState, NewJob
+from conveyor.tasks import EnqueueOptions
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Submit once per key: a repeat with the same body returns the first job.",
+    ),
+]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def _digest(body: JobCreate) -> str:
+    canonical = body.model_dump(mode="json", exclude={"idempotency_key"}, exclude_none=True)
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _build(conveyor: Conveyor, body: JobCreate, principal: Principal, key: str | None) -> NewJob:
+    task = conveyor.get_task(body.task)
+    options = EnqueueOptions(
+        queue=body.queue,
+        priority=body.priority,
+        delay=body.delay_seconds,
+        run_at=body.run_at,
+        max_attempts=body.max_attempts,
+        timeout=body.timeout_seconds,
+        # Keys are scoped to the caller, so two clients never collide on the same key.
+        idempotency_key=f"{principal.id}:{key}" if key else None,
+        correlation_id=current_correlation_id(),
+    )
+    new = conveyor.new_job(task, body.args, body.kwargs, options)
+    if key is None:
+        return new
+    return dataclasses.replace(new, request_digest=_digest(body))
+
+
+def _replayed(new: NewJob, stored: Job) -> bool:
+    """True for a repeat of an earlier request; raises if the key came with a different body."""
+    if stored.id == new.id:
+        return False
+    if stored.request_digest != new.request_digest:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request body",
+            {"job_id": stored.id},
+        )
+    return True
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "A replay of an earlier request with the same key"}},
+    summary="Submit a job",
+)
+async def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    conveyor: ConveyorDep,
+    principal: CanWrite,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Store a job and answer at once with its id; poll `GET /jobs/{id}` for the outcome."""
+    new = _build(conveyor, body, principal, idempotency_key)
+    (stored,) = await conveyor.enqueue_many([new])
+    if _replayed(new, stored):
+        response.status_code = status.HTTP_200_OK
+        response.headers[REPLAYED_HEADER] = "true"
+    response.headers["Location"] = str(request.url_for("get_job", job_id=stored.id))
+    return JobPublic.of(stored)
+
+
+@router.post("/batch", response_model=BatchResult, summary="Submit many jobs")
+async def create_jobs(
+    body: BatchCreate,
+    conveyor: ConveyorDep,
+    principal: CanWrite,
+    idempotency_key: IdempotencyKey = None,
+) -> BatchResult:
+    """Each item succeeds or fails on its own; results come back in the request's order."""
+    limit = conveyor.settings.batch_limit
+    if len(body.jobs) > limit:
+        raise ApiError(413, "batch_too_large", f"a batch holds at most {limit} jobs, not {len(body.jobs)}")
+    results: list[BatchItemResult | None] = [None] * len(body.jobs)
+    valid: list[tuple[int, NewJob]] = []
+    for index, item in enumerate(body.jobs):
+        key = item.idempotency_key or (f"{idempotency_key}/{index}" if idempotency_key else None)
+        try:
+            valid.append((index, _build(conveyor, item, principal, key)))
+        except UnknownTaskError as exc:
+            results[index] = _item_error(index, "unknown_task", str(exc), {"task": exc.name})
+        except TaskArgumentsError as exc:
+            results[index] = _item_error(index, "invalid_job", exc.summary, exc.problems)
+    stored = await conveyor.enqueue_many([new for _, new in valid])
+    for (index, new), job in zip(valid, stored, strict=True):
+        try:
+            replay = _replayed(new, job)
+        except ApiError as exc:
+            results[index] = _item_error(index, exc.code, exc.message, exc.details)
+            continue
+        results[index] = BatchItemResult(index=index, status="replayed" if replay else "created", job=JobPublic.of(job))
+    return BatchResult(results=[result for result in results if result is not None])
+
+
+def _item_error(index: int, code: str, message: str, details: Any) -> BatchItemResult:
+    return BatchItemResult(index=index, status="error", error=ErrorBody(code=code, message=message, details=details))
+
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorEnvelope, "description": "No job has this id"}}
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_NOT_FOUND, summary="Get a job, or wait for it")
+async def get_job(
+    job_id: str,
+    conveyor: ConveyorDep,
+    watcher: WatcherDep,
+    _principal: CanRead,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="Hold the request up to this many seconds until the job finishes.")
+    ] = 0,
+) -> JobPublic:
+    job = await conveyor.get_job(job_id)
+    if wait > 0 and not job.finished:
+        await watcher.wait(job_id, wait)
+        job = await conveyor.get_job(job_id)
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic, summary="List jobs, newest first")
+async def list_jobs(
+    conveyor: ConveyorDep,
+    _principal: CanRead,
+    state: Annotated[list[JobState] | None, Query(description="Only these states (repeatable).")] = None,
+    queue: Annotated[str | None, Query(max_length=255)] = None,
+    task: Annotated[str | None, Query(max_length=255)] = None,
+    created_after: Annotated[datetime | None, Query(description="Inclusive, ISO 8601 with a zone.")] = None,
+    created_before: Annotated[datetime | None, Query(description="Exclusive, ISO 8601 with a zone.")] = None,
+    cursor: Annotated[str | None, Query(max_length=64, description="`next_cursor` of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobsPublic:
+    for name, value in (("created_after", created_after), ("created_before", created_before)):
+        if value is not None and value.tzinfo is None:
+            raise ApiError(422, "validation_error", f"{name} needs a time zone, e.g. 2026-01-01T00:00:00Z")
+    page = await conveyor.list_jobs(
+        states=state or (),
+        queue=queue,
+        task=task,
+        created_after=created_after,
+        created_before=created_before,
+        cursor=cursor,
+        limit=limit,
+    )
+    return JobsPublic(jobs=[JobPublic.of(job) for job in page.jobs], next_cursor=page.next_cursor)
+
+
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorEnvelope, "description": "No job has this id"},
+    409: {"model": ErrorEnvelope, "description": "The job's state does not allow this"},
+}
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_CONFLICT, summary="Cancel a job")
+async def cancel_job(job_id: str, conveyor: ConveyorDep, _principal: CanWrite) -> JobPublic:
+    """Cancels a queued, scheduled or retrying job; a running or finished one is a conflict."""
+    return JobPublic.of(await conveyor.cancel_job(job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic, responses=_CONFLICT, summary="Retry a dead or cancelled job")
+async def retry_job(job_id: str, conveyor: ConveyorDep, _principal: CanWrite) -> JobPublic:
+    """Queues the job again with its full number of attempts (a dead-letter replay)."""
+    return JobPublic.of(await conveyor.retry_job(job_id))
+
+
+@router.get("/{job_id}/attempts", response_model=AttemptsPublic, responses=_NOT_FOUND, summary="A job's history")
+async def job_attempts(job_id: str, conveyor: ConveyorDep, _principal: CanRead) -> AttemptsPublic:
+    job = await conveyor.get_job(job_id)
+    attempts = [AttemptPublic.of(record) for record in job.history]
+    if job.state is JobState.RUNNING:
+        attempts.append(
+            AttemptPublic(
+                attempt=job.attempt,
+                outcome="running",
+                worker=job.lease_owner.split("#")[0] if job.lease_owner else None,
+                started_at=job.attempted_at,
+                ended_at=None,
+            )
+        )
+    return AttemptsPublic(job_id=job.id, attempts=attempts)

@@ -1,0 +1,183 @@
+"""The HTTP contract: every request and response body, with unknown fields refused."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from conveyor.jobs import AttemptRecord, Job, JobError
+
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Strict):
+    code: str = Field(description="Stable, machine-readable error code, e.g. `validation_error`.")
+    message: str = Field(description="What went wrong, for people.")
+    details: Any = Field(default=None, description="Structured detail: e.g. every invalid field.")
+    correlation_id: str | None = Field(default=None, description="Quote it to find the request in the logs.")
+
+
+class ErrorEnvelope(Strict):
+    error: ErrorBody
+
+
+class JobCreate(Strict):
+    task: Name = Field(description="A registered task name (see `GET /tasks`).")
+    args: list[Any] = Field(default_factory=list, description="Positional arguments (JSON).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments (JSON).")
+    queue: Name | None = Field(default=None, description="Defaults to the task's queue.")
+    priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000, description="Higher runs first.")
+    delay_seconds: float | None = Field(default=None, ge=0, le=366 * 86_400, description="Run no sooner than this.")
+    run_at: AwareDatetime | None = Field(default=None, description="Run no sooner than this time (with a zone).")
+    max_attempts: int | None = Field(default=None, ge=1, le=1_000)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 86_400)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> JobCreate:
+        if self.delay_seconds is not None and self.run_at is not None:
+            raise ValueError("give delay_seconds or run_at, not both")
+        return self
+
+
+class BatchItem(JobCreate):
+    idempotency_key: Name | None = Field(default=None, description="Like the Idempotency-Key header, per item.")
+
+
+class BatchCreate(Strict):
+    jobs: list[BatchItem] = Field(min_length=1, description="At most the server's batch limit (default 1,000).")
+
+
+class JobErrorPublic(Strict):
+    type: str
+    message: str
+
+    @classmethod
+    def of(cls, error: JobError | None) -> JobErrorPublic | None:
+        return cls(type=error.type, message=error.message) if error else None
+
+
+class AttemptPublic(Strict):
+    attempt: int
+    outcome: Literal["running", "succeeded", "failed", "lost", "released"]
+    worker: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    error: JobErrorPublic | None = None
+
+    @classmethod
+    def of(cls, record: AttemptRecord) -> AttemptPublic:
+        return cls(
+            attempt=record.attempt,
+            outcome=record.outcome.value,
+            worker=record.worker.split("#")[0] if record.worker else None,
+            started_at=record.started_at,
+            ended_at=record.ended_at,
+            error=JobErrorPublic.of(record.error),
+        )
+
+
+class JobPublic(Strict):
+    id: str
+    task: str
+    queue: str
+    priority: int
+    state: Literal["scheduled", "queued", "running", "retrying", "succeeded", "dead", "cancelled"]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    timeout_seconds: float | None
+    run_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = Field(description="When the current or latest attempt started.")
+    finished_at: datetime | None
+    result: Any = Field(default=None, description="The task's return value, once succeeded.")
+    error: JobErrorPublic | None = Field(default=None, description="The latest attempt's error.")
+    correlation_id: str | None
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobPublic:
+        key = job.idempotency_key.split(":", 1)[1] if job.idempotency_key and ":" in job.idempotency_key else None
+        return cls(
+            id=job.id,
+            task=job.task,
+            queue=job.queue,
+            priority=job.priority,
+            state=job.state.value,
+            args=job.args,
+            kwargs=job.kwargs,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            timeout_seconds=job.timeout_seconds,
+            run_at=job.run_at,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.attempted_at,
+            finished_at=job.finished_at,
+            result=job.result,
+            error=JobErrorPublic.of(job.error),
+            correlation_id=job.correlation_id,
+            idempotency_key=key,
+        )
+
+
+class JobsPublic(Strict):
+    jobs: list[JobPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null on the last.")
+
+
+class BatchItemResult(Strict):
+    index: int
+    status: Literal["created", "replayed", "error"]
+    job: JobPublic | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResult(Strict):
+    results: list[BatchItemResult] = Field(description="One per submitted job, in the request's order.")
+
+
+class AttemptsPublic(Strict):
+    job_id: str
+    attempts: list[AttemptPublic]
+
+
+class QueuePublic(Strict):
+    name: str
+    counts: dict[str, int] = Field(description="Jobs by state.")
+    oldest_queued_age_seconds: float | None = Field(description="How long the oldest due job has waited.")
+
+
+class QueuesPublic(Strict):
+    queues: list[QueuePublic]
+
+
+class TaskPublic(Strict):
+    name: str
+    kind: Literal["async", "sync", "cpu"]
+    queue: str
+    priority: int
+    max_attempts: int | None
+    timeout_seconds: float | None
+    arguments_schema: dict[str, Any] = Field(description="JSON schema of the task's keyword arguments.")
+
+
+class TasksPublic(Strict):
+    tasks: list[TaskPublic]
+
+
+class Health(Strict):
+    status: Literal["ok"]
+
+
+class Ready(Strict):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str]

@@ -1,0 +1,72 @@
+"""Long-poll support: many clients wait on jobs; one query per interval asks about all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from conveyor.errors import ConveyorError
+from conveyor.storage import Store
+
+logger = structlog.get_logger("conveyor.api")
+
+
+class JobWatcher:
+    """Wakes waiters when their job finishes.
+
+    Jobs finished through this process's store (the embedded worker, cancels) wake waiters at
+    once; jobs finished elsewhere are found by a single batched query per ``interval``, however
+    many clients wait, so waiting clients never poll the database one by one.
+    """
+
+    def __init__(self, store: Store, *, interval: float = 0.2) -> None:
+        self._store = store
+        self._interval = interval
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        store.on_jobs_finished(self._wake)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="conveyor-job-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for futures in self._waiters.values():
+            for future in futures:
+                future.cancel()
+        self._waiters.clear()
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        """Return when the job finishes or ``timeout`` seconds pass, whichever is first."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(future)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, timeout)
+        finally:
+            waiting = self._waiters.get(job_id)
+            if waiting is not None:
+                waiting.discard(future)
+                if not waiting:
+                    del self._waiters[job_id]
+
+    def _wake(self, job_ids: set[str]) -> None:
+        for job_id in job_ids:
+            for future in self._waiters.get(job_id, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            if not self._waiters:
+                continue
+            try:
+                self._wake(await self._store.finished_among(list(self._waiters)))
+            except ConveyorError as exc:
+                logger.warning("api.watch_failed", error=str(exc))
