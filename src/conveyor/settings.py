@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     """Finished jobs older than this are pruned by workers; 0 keeps them forever."""
     prune_interval_seconds: float = Field(default=3_600, gt=0)
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
+    pool_size: int = Field(default=10, ge=1, le=1_000)
+    """PostgreSQL connections kept open per process."""
+    max_overflow: int = Field(default=10, ge=0, le=1_000)
+    """Extra PostgreSQL connections opened under load, beyond ``pool_size``."""
+    pool_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)
+    """How long to wait for a free pooled connection before failing."""
+    statement_timeout_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    """Longest any single database statement may take."""
     sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)
     auto_migrate: bool | None = None
     """Bring the schema up to date on first use; None means yes for SQLite, no for PostgreSQL."""

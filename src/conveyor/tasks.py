@@ -139,7 +139,9 @@ class Task(Generic[P, R]):
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TaskArgumentsError(f"bad arguments for task {self.name!r}", [str(exc)]) from None
+            raise TaskArgumentsError(
+                f"bad arguments for task {self.name!r}", self._binding_problems(args, kwargs) or [str(exc)]
+            ) from None
         for name, value in bound.arguments.items():
             kind = self.signature.parameters[name].kind
             adapter = self._adapters[name]
@@ -168,6 +170,38 @@ class Task(Generic[P, R]):
         if problems:
             raise TaskArgumentsError(f"bad arguments for task {self.name!r}", problems)
         return list(bound.args), dict(bound.kwargs)
+
+    def _binding_problems(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
+        """Every way the arguments miss the signature (``Signature.bind`` stops at the first)."""
+        kinds = inspect.Parameter
+        parameters = list(self.signature.parameters.values())
+        positional = [p for p in parameters if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        takes_varargs = any(p.kind is kinds.VAR_POSITIONAL for p in parameters)
+        takes_varkw = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
+        problems = []
+        if len(args) > len(positional) and not takes_varargs:
+            problems.append(f"takes {len(positional)} positional argument(s) but {len(args)} were given")
+        filled = {p.name for p in positional[: len(args)]}
+        by_name = {p.name: p for p in parameters}
+        for name in kwargs:
+            parameter = by_name.get(name)
+            if parameter is None or parameter.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD):
+                if not takes_varkw:
+                    problems.append(f"unexpected keyword argument {name!r}")
+            elif parameter.kind is kinds.POSITIONAL_ONLY:
+                problems.append(f"{name!r} is positional-only; pass it in args")
+            elif name in filled:
+                problems.append(f"{name!r} is given both by position and by keyword")
+            else:
+                filled.add(name)
+        for parameter in parameters:
+            required = parameter.default is kinds.empty and parameter.kind not in (
+                kinds.VAR_POSITIONAL,
+                kinds.VAR_KEYWORD,
+            )
+            if required and parameter.name not in filled:
+                problems.append(f"missing required argument {parameter.name!r}")
+        return problems
 
     def to_json_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Check arguments against the signature and annotations; return them as JSON values."""

@@ -97,3 +97,11 @@ async def until_marker(marker: str, ctx: JobContext = CONTEXT) -> str:
         await asyncio.sleep(0.02)
     record(f"done {ctx.job_id} {ctx.attempt}")
     return "marker seen"
+
+
+@app.task(max_attempts=1)
+async def fails_without_marker(marker: str) -> str:
+    """Dead on a first run; succeeds once the marker file exists (e.g. replayed from the DLQ)."""
+    if not Path(marker).exists():
+        raise RuntimeError(f"marker {marker} does not exist yet")
+    return "marker found"

@@ -73,6 +73,14 @@ def create_engine(settings: Settings) -> AsyncEngine:
         json_serializer=_dumps,
         json_deserializer=_loads,
         pool_pre_ping=True,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout_seconds,
+        connect_args={
+            "timeout": min(settings.statement_timeout_seconds, 30.0),
+            "command_timeout": settings.statement_timeout_seconds,
+            "server_settings": {"application_name": "conveyor"},
+        },
     )
 
 
@@ -138,15 +146,48 @@ def json_append(column: sa.ColumnElement[Any], entry: sa.BindParameter[Any], dia
     return sa.func.json_insert(column, "$[#]", sa.func.json(entry))
 
 
+# SQLSTATEs worth another try: lost connections (class 08), a server shutting down or starting
+# (57P01-57P03), too many connections, serialization failures and deadlocks, and a read-only
+# node after a failover (25006), where a fresh connection finds the new primary.
+_TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "40001", "40P01", "25006"}
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    for candidate in (exc, getattr(exc, "orig", None), getattr(getattr(exc, "orig", None), "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the database was busy or the connection dropped."""
+    """Errors worth retrying: the database was busy, restarting, or the connection dropped."""
     original = getattr(exc, "orig", exc)
     if isinstance(original, sqlite3.OperationalError):
         message = str(original).lower()
         return "locked" in message or "busy" in message
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, TimeoutError, OSError))
+    code = _sqlstate(exc)
+    if code is not None and (code.startswith("08") or code in _TRANSIENT_SQLSTATES):
+        return True
+    cause = getattr(original, "__cause__", None)
+    candidates = (exc, original, cause)
+    if any(isinstance(item, (ConnectionError, TimeoutError, OSError)) for item in candidates):
+        return True
+    return any(type(item).__name__ in _DRIVER_CONNECTION_ERRORS for item in candidates)
+
+
+# The driver's own names for "the connection is gone", matched by name so this module does
+# not import the PostgreSQL driver for SQLite users.
+_DRIVER_CONNECTION_ERRORS = {
+    "ConnectionDoesNotExistError",
+    "InternalClientError",
+    "CannotConnectNowError",
+    "ConnectionFailureError",
+    "ClientCannotConnectError",
+    "DisconnectionError",
+}
 
 
 async def lock_for_migration(connection: Any) -> None:

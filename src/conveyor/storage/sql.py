@@ -14,7 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -135,6 +135,7 @@ class SqlStore:
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._work_added = asyncio.Event()
         self._finish_listeners: list[Callable[[set[str]], None]] = []
+        self._listener: Any = None
         self._ack = self._build_ack_statement()
 
     @property
@@ -142,7 +143,40 @@ class SqlStore:
         return self._engine
 
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         await self._engine.dispose()
+
+    def _listen(self) -> None:
+        """Start listening for other processes' notifications (PostgreSQL), once, when first needed."""
+        if self.dialect != "postgresql" or self._listener is not None:
+            return
+        from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+        self._listener = postgres.Listener(
+            postgres.asyncpg_dsn(self._engine.url),
+            {
+                postgres.JOBS_CHANNEL: lambda _queue: self._work_added.set(),
+                postgres.FINISHED_CHANNEL: lambda payload: self._announce_finished(set(payload.split(","))),
+            },
+            on_connect=self._work_added.set,
+        )
+        self._listener.start()
+
+    async def _notify(self, conn: AsyncConnection, channel: str, payloads: Sequence[str]) -> None:
+        """Queue NOTIFYs in this transaction: PostgreSQL delivers them at commit, once."""
+        if self.dialect == "postgresql" and payloads:
+            await conn.execute(
+                sa.text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
+                {"channel": channel, "payloads": list(payloads)},
+            )
+
+    async def _notify_finished(self, conn: AsyncConnection, job_ids: set[str]) -> None:
+        if self.dialect == "postgresql" and job_ids:
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            await self._notify(conn, postgres.FINISHED_CHANNEL, postgres.chunk_ids(sorted(job_ids)))
 
     @contextlib.asynccontextmanager
     async def _writing(self, connection: AsyncConnection | None = None) -> AsyncGenerator[AsyncConnection]:
@@ -162,26 +196,47 @@ class SqlStore:
         new_jobs: Sequence[NewJob],
         *,
         now: datetime,
-        connection: AsyncConnection | None = None,
+        connection: Any = None,
     ) -> list[Job]:
-        """Insert jobs in one transaction; a job whose idempotency key exists returns the existing one."""
+        """Insert jobs in one transaction; a job whose idempotency key exists returns the existing one.
+
+        ``connection`` puts the insert inside the caller's open transaction: an SQLAlchemy
+        ``AsyncConnection`` or ``AsyncSession``, or (PostgreSQL) an asyncpg connection. The jobs
+        then appear to workers only when the caller commits, and vanish if it rolls back.
+        """
         if not new_jobs:
             return []
         rows = [self._new_row(new, now) for new in new_jobs]
         keys = [new.idempotency_key for new in new_jobs if new.idempotency_key is not None]
+        runnable_queues = sorted({row["queue"] for row in rows if row["state"] == JobState.QUEUED})
+        if connection is not None and self.dialect == "postgresql":
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            if postgres.is_asyncpg_connection(connection):
+                existing = await postgres.insert_on_asyncpg(connection, rows)
+                by_key = {row["idempotency_key"]: _row_to_job(row) for row in existing}
+                return self._inserted(new_jobs, rows, by_key)
+        if isinstance(connection, AsyncSession):
+            connection = await connection.connection()
         async with self._writing(connection) as conn:
+            # Duplicates are skipped, not errors: a retried insert whose first commit landed
+            # must not fail, and a repeated idempotency key returns the first job.
+            await conn.execute(dialects.insert_ignoring_duplicates(jobs, self.dialect), rows)
+            by_key = {}
             if keys:
-                await conn.execute(dialects.insert_ignoring_duplicates(jobs, self.dialect), rows)
                 found = await conn.execute(sa.select(jobs).where(jobs.c.idempotency_key.in_(keys)))
                 by_key = {row["idempotency_key"]: _row_to_job(row) for row in found.mappings()}
-            else:
-                await conn.execute(sa.insert(jobs), rows)
-                by_key = {}
-        if connection is None and any(row["state"] == JobState.QUEUED for row in rows):
+            from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+
+            await self._notify(conn, JOBS_CHANNEL, runnable_queues)
+        if connection is None and runnable_queues:
             self._work_added.set()
+        return self._inserted(new_jobs, rows, by_key)
+
+    @staticmethod
+    def _inserted(new_jobs: Sequence[NewJob], rows: Sequence[dict[str, Any]], by_key: Mapping[str, Job]) -> list[Job]:
         return [
-            by_key[new.idempotency_key] if new.idempotency_key in by_key else _row_to_job(row)
-            for new, row in zip(new_jobs, rows, strict=True)
+            by_key.get(new.idempotency_key or "") or _row_to_job(row) for new, row in zip(new_jobs, rows, strict=True)
         ]
 
     @staticmethod
@@ -218,7 +273,8 @@ class SqlStore:
         }
 
     async def wait_for_jobs(self, timeout: float) -> None:
-        """Return when this process added runnable jobs, or after ``timeout`` seconds."""
+        """Return when runnable jobs were added (here, or by any process on PostgreSQL), or after ``timeout``."""
+        self._listen()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work_added.wait(), timeout)
         self._work_added.clear()
@@ -337,12 +393,15 @@ class SqlStore:
             return set()
         async with self._writing() as conn:
             applied = await self._apply_acks(conn, acks, now)
-        self._announce_finished({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied)
+            finished = {ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied
+            await self._notify_finished(conn, finished)
+        self._announce_finished(finished)
         return applied
 
     def on_jobs_finished(self, listener: Callable[[set[str]], None]) -> None:
-        """Call ``listener`` with the ids of jobs this store saw finish (acks, cancels, rescues)."""
+        """Call ``listener`` with the ids of finished jobs: here at once, and (PostgreSQL) from any process."""
         self._finish_listeners.append(listener)
+        self._listen()
 
     def _announce_finished(self, job_ids: set[str]) -> None:
         if job_ids:
@@ -383,7 +442,9 @@ class SqlStore:
             found = [_row_to_job(row) for row in (await conn.execute(expired)).mappings()]
             acks = [self._lost_ack(job, now) for job in found]
             applied = await self._apply_acks(conn, acks, now)
-        self._announce_finished({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied)
+            finished = {ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied
+            await self._notify_finished(conn, finished)
+        self._announce_finished(finished)
         return [job for job in found if job.id in applied]
 
     @staticmethod
@@ -497,6 +558,12 @@ class SqlStore:
             state = None
             if row is None:
                 state = (await conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
+            elif values.get("state") == JobState.QUEUED.value:
+                from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+
+                await self._notify(conn, JOBS_CHANNEL, [row["queue"]])
+            elif values.get("state") in _FINISHED:
+                await self._notify_finished(conn, {job_id})
         if row is not None:
             if values.get("state") == JobState.QUEUED.value:
                 self._work_added.set()

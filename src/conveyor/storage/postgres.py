@@ -1,0 +1,200 @@
+"""PostgreSQL's own runtime pieces: the LISTEN connection and enqueue on a raw asyncpg connection.
+
+``dialects.py`` holds the SQL that differs between databases; this module holds what only
+PostgreSQL has at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+import sqlalchemy as sa
+import structlog
+
+logger = structlog.get_logger("conveyor.storage")
+
+JOBS_CHANNEL = "conveyor_jobs"
+"""Payload: a queue name that has new runnable jobs."""
+FINISHED_CHANNEL = "conveyor_finished"
+"""Payload: comma-separated ids of jobs that finished."""
+NOTIFY_PAYLOAD_LIMIT = 7_900
+_ERROR_LOG_INTERVAL = 10.0
+"""PostgreSQL refuses payloads of 8,000 bytes or more; ids are chunked below that."""
+
+
+def asyncpg_dsn(url: sa.URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def chunk_ids(job_ids: Sequence[str]) -> list[str]:
+    """Join ids into comma-separated payloads, each under the NOTIFY size limit."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for job_id in job_ids:
+        if current and size + len(job_id) + 1 > NOTIFY_PAYLOAD_LIMIT:
+            chunks.append(",".join(current))
+            current, size = [], 0
+        current.append(job_id)
+        size += len(job_id) + 1
+    if current:
+        chunks.append(",".join(current))
+    return chunks
+
+
+class Listener:
+    """One LISTEN connection per store, kept alive: health-checked, and re-opened when it drops.
+
+    A dead listener would quietly turn instant wake-ups into slow polling, so it is checked
+    every ``check_interval`` seconds and rebuilt with jittered backoff; every (re)connect also
+    fires ``on_connect``, so whatever was notified during the gap is looked for at once.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        handlers: Mapping[str, Callable[[str], None]],
+        *,
+        on_connect: Callable[[], None],
+        check_interval: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._handlers = dict(handlers)
+        self._on_connect = on_connect
+        self._check_interval = check_interval
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self._last_error_log = 0.0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="conveyor-pg-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(self._dsn, timeout=10)
+                for channel, handler in self._handlers.items():
+                    await connection.add_listener(channel, _callback(handler))
+                failures = 0
+                self.connected.set()
+                self._on_connect()
+                while True:
+                    await asyncio.sleep(self._check_interval)
+                    await connection.fetchval("SELECT 1", timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.connected.clear()
+                failures += 1
+                self._log_failure(exc)
+                await asyncio.sleep(random.uniform(0, min(10.0, 0.1 * 2**failures)))  # noqa: S311 - jitter
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), 2)
+
+    def _log_failure(self, exc: BaseException) -> None:
+        # A database outage would otherwise log this line several times a second.
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            logger.warning("storage.listener_lost", error=f"{type(exc).__name__}: {exc}")
+
+
+def _callback(handler: Callable[[str], None]) -> Callable[..., None]:
+    def on_notification(_connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        handler(payload)
+
+    return on_notification
+
+
+def is_asyncpg_connection(connection: Any) -> bool:
+    return isinstance(connection, asyncpg.Connection)
+
+
+_INSERT_COLUMNS = (
+    "id",
+    "task",
+    "queue",
+    "priority",
+    "state",
+    "args",
+    "kwargs",
+    "attempt",
+    "max_attempts",
+    "timeout_seconds",
+    "run_at",
+    "history",
+    "idempotency_key",
+    "request_digest",
+    "correlation_id",
+    "workflow_id",
+    "parent_id",
+    "created_at",
+    "updated_at",
+)
+_JSON_COLUMNS = {"args", "kwargs", "history"}
+_ALL_JSON = {*_JSON_COLUMNS, "result", "error"}
+
+
+def _insert_sql() -> str:
+    placeholders = ", ".join(
+        f"${index}::jsonb" if column in _JSON_COLUMNS else f"${index}"
+        for index, column in enumerate(_INSERT_COLUMNS, start=1)
+    )
+    return (
+        f"INSERT INTO conveyor_jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({placeholders}) "  # noqa: S608 - constant columns
+        "ON CONFLICT DO NOTHING"
+    )
+
+
+_INSERT_SQL = _insert_sql()
+
+
+async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Insert job rows on the caller's asyncpg connection, inside whatever transaction it has open.
+
+    Returns the stored rows of jobs whose idempotency key already existed.
+    """
+    records = [
+        tuple(
+            orjson.dumps(row[column]).decode() if column in _JSON_COLUMNS else _plain(row[column])
+            for column in _INSERT_COLUMNS
+        )
+        for row in rows
+    ]
+    await connection.executemany(_INSERT_SQL, records)
+    queues = sorted({row["queue"] for row in rows if row["state"] == "queued"})
+    if queues:
+        await connection.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, queues)
+    keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
+    if not keys:
+        return []
+    found = await connection.fetch("SELECT * FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])", keys)
+    return [
+        {
+            name: orjson.loads(value) if name in _ALL_JSON and value is not None else value
+            for name, value in record.items()
+        }
+        for record in found
+    ]
+
+
+def _plain(value: Any) -> Any:
+    # StrEnum states go over the wire as their text.
+    return value.value if hasattr(value, "value") else value
