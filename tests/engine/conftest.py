@@ -5,6 +5,8 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import pytest
+
 from conveyor import Conveyor, Worker
 
 
@@ -23,3 +25,9 @@ async def running_worker(app: Conveyor, **options: Any) -> AsyncGenerator[Worker
     finally:
         worker.stop()
         await asyncio.wait_for(run, 30)
+
+
+@pytest.fixture
+def database_url(backend_url: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return backend_url

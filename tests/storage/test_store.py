@@ -7,10 +7,8 @@ adding one parameter there. Time is injected as ``now``: nothing here sleeps.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,48 +32,17 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
 
 
-def _sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture(scope="session")
-def migrated_sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One SQLite file migrated once per session; each test gets its own copy (migrating is the slow part)."""
-    path = tmp_path_factory.mktemp("template") / "migrated.db"
-
-    async def migrate() -> None:
-        opened = await open_store(Settings(database_url=_sqlite_url(path)))
-        await opened.close()
-
-    asyncio.run(migrate())
-    assert not path.with_name(path.name + "-wal").exists(), "the template was not checkpointed on close"
-    return path
-
-
-def _settings(backend: str, tmp_path: Path, sqlite_template: Path) -> Settings:
-    """Settings for a fresh, migrated database of ``backend`` for this test."""
-    if backend == "sqlite":
-        path = tmp_path / "store.db"
-        if not path.exists():
-            shutil.copyfile(sqlite_template, path)
-        return Settings(database_url=_sqlite_url(path))
-    raise AssertionError(f"no settings for backend {backend!r}")
-
-
-@pytest.fixture(params=[pytest.param("sqlite", id="sqlite")])
-async def store(request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite_file: Path) -> AsyncIterator[Store]:
-    opened = await open_store(_settings(request.param, tmp_path, migrated_sqlite_file))
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(Settings(database_url=backend_url))
     yield opened
     await opened.close()
 
 
 @pytest.fixture
-async def twin_store(
-    store: Store, request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite_file: Path
-) -> AsyncIterator[Store]:
+async def twin_store(store: Store, backend_url: str) -> AsyncIterator[Store]:
     """A second, independent store on the same database as ``store`` (as another process would have)."""
-    assert isinstance(request.node, pytest.Function)
-    opened = await open_store(_settings(request.node.callspec.params["store"], tmp_path, migrated_sqlite_file))
+    opened = await open_store(Settings(database_url=backend_url))
     yield opened
     await opened.close()
 
