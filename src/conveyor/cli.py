@@ -8,13 +8,15 @@ does not allow the operation; 4 the database failed or its schema does not fit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import ipaddress
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -22,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import orjson
 import structlog
+import uvicorn
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -585,8 +588,6 @@ def serve(
     app: Conveyor, host: str, port: int, no_worker: bool, concurrency: int | None, insecure: bool, access_log: bool
 ) -> None:
     """Run the HTTP API (and, unless --no-worker, a worker in the same process)."""
-    import uvicorn  # noqa: PLC0415 - only this command serves HTTP
-
     from conveyor.api import create_app  # noqa: PLC0415
 
     configure_logging(app.settings)
@@ -616,9 +617,24 @@ def serve(
             timeout_graceful_shutdown=int(app.settings.shutdown_grace_seconds) + 5,
         )
         log.info("api.starting", host=host, port=port, worker=not no_worker)
-        await uvicorn.Server(config).serve()
+        await _Server(config).serve()
 
     run_async(run())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a graceful stop on SIGTERM/SIGINT exits 0 instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None]:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.handle_exit, signum, None)
+        try:
+            yield
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
 
 
 @cli.group()

@@ -26,6 +26,8 @@ FINISHED_CHANNEL = "conveyor_finished"
 """Payload: comma-separated ids of jobs that finished."""
 NOTIFY_PAYLOAD_LIMIT = 7_900
 _ERROR_LOG_INTERVAL = 10.0
+LISTENER_APPLICATION_NAME = "conveyor-listener"
+"""How the LISTEN connection shows in pg_stat_activity."""
 """PostgreSQL refuses payloads of 8,000 bytes or more; ids are chunked below that."""
 
 
@@ -89,7 +91,9 @@ class Listener:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(self._dsn, timeout=10)
+                connection = await asyncpg.connect(
+                    self._dsn, timeout=10, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+                )
                 for channel, handler in self._handlers.items():
                     await connection.add_listener(channel, _callback(handler))
                 failures = 0

@@ -84,6 +84,23 @@ def _guarded(
     return wrapper
 
 
+def _answered_at_once(
+    method: Callable[Concatenate[SqlStore, P], CoroutineType[Any, Any, R]],
+) -> Callable[Concatenate[SqlStore, P], CoroutineType[Any, Any, R]]:
+    """Translate errors but never retry: for checks (readiness) that must answer now."""
+
+    @functools.wraps(method)
+    async def wrapper(self: SqlStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except ConveyorError:
+            raise
+        except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError, TimeoutError) as exc:
+            raise StorageError(f"{getattr(method, '__name__', 'query')} failed: {type(exc).__name__}") from exc
+
+    return wrapper
+
+
 def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -408,12 +425,12 @@ class SqlStore:
             for listener in self._finish_listeners:
                 listener(job_ids)
 
-    @_guarded
+    @_answered_at_once
     async def schema_revision(self) -> str | None:
         """The migration revision the database is at (a cheap round trip: readiness checks use it)."""
         from conveyor.storage import migrate  # noqa: PLC0415 - migrate imports this module's package
 
-        return (await migrate.status(self._engine)).current
+        return (await asyncio.wait_for(migrate.status(self._engine), 5)).current
 
     @_guarded
     async def finished_among(self, job_ids: Sequence[str]) -> set[str]:

@@ -1,0 +1,98 @@
+"""PostgreSQL as the engine of a fleet: many worker processes, instant wake-ups."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.support import postgres
+from tests.support import tasks as support
+from tests.support.processes import WorkerProcess
+from tests.support.waiting import eventually
+
+from conveyor import Conveyor, JobState
+from conveyor.storage.postgres import LISTENER_APPLICATION_NAME
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+@pytest.fixture
+def pg_url(postgres_database: str) -> str:
+    postgres.run_sync(postgres.truncate(postgres_database))
+    return postgres_database
+
+
+@pytest.fixture
+def fleet() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+@pytest.mark.slow
+async def test_four_worker_processes_run_five_thousand_jobs_exactly_once(
+    tmp_path: Path, pg_url: str, effects_path: Path, fleet: list[WorkerProcess]
+) -> None:
+    app = Conveyor(database_url=pg_url)
+    effect = app.task(name="effect")(support.effect.fn)
+    try:
+        fleet.extend(WorkerProcess(tmp_path / f"worker-{index}.log", pg_url, concurrency="25") for index in range(4))
+        for worker in fleet:
+            worker.wait_started()
+        jobs = []
+        for start in range(0, 5_000, 1_000):
+            jobs += await app.enqueue_many([effect.job(n) for n in range(start, start + 1_000)])
+
+        async def all_succeeded() -> bool:
+            stats = await app.queue_stats()
+            return sum(queue.counts.get(JobState.SUCCEEDED, 0) for queue in stats) == 5_000
+
+        await eventually(all_succeeded, timeout=240, interval=0.2)
+        assert [worker.stop() for worker in fleet] == [0, 0, 0, 0]
+    finally:
+        await app.close()
+
+    runs = collections.Counter(line.split()[0] for line in support.read_effects(effects_path))
+    assert len(runs) == 5_000
+    assert set(runs.values()) == {1}, "no job ran twice"
+    assert set(runs) == {job.id for job in jobs}
+    for worker in fleet:
+        levels = collections.Counter(event.get("level") for event in worker.events())
+        assert levels["error"] == 0, worker.log_path.read_text()[-3000:]
+        assert "deadlock" not in worker.log_path.read_text().lower()
+        assert any(event.get("event") == "job.succeeded" for event in worker.events()), "every worker took a share"
+
+
+async def test_a_notified_worker_starts_long_before_the_polling_fallback(
+    tmp_path: Path, pg_url: str, fleet: list[WorkerProcess]
+) -> None:
+    worker = WorkerProcess(tmp_path / "worker.log", pg_url, poll_interval_seconds="60")
+    fleet.append(worker)
+    worker.wait_started()
+    app = Conveyor(database_url=pg_url)
+    noop = app.task(name="noop")(support.noop.fn)
+    try:
+        await eventually(lambda: _listening(pg_url), timeout=30)
+        job = await noop.enqueue(7)
+        finished = await app.wait_for_job(job.id, timeout=15)
+    finally:
+        await app.close()
+    assert finished.state is JobState.SUCCEEDED, "woken by NOTIFY, not by the 60 s poll"
+    assert worker.stop() == 0
+
+
+async def _listening(url: str) -> bool:
+    import asyncpg  # noqa: PLC0415 - test-only look at the server's state
+
+    connection = await asyncpg.connect(url, timeout=5)
+    try:
+        count = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+            LISTENER_APPLICATION_NAME,
+        )
+    finally:
+        await connection.close()
+    return count > 0
