@@ -669,7 +669,7 @@ def tokens_create(name: str, scopes: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         _emit_json({"id": new.record.id, "name": name, "scopes": list(new.record.scopes), "token": new.plaintext})
         return
-    errors.print(f"token {new.record.id} ({name}; {', '.join(new.record.scopes)}). Shown once, keep it safe:")
+    errors.print(f"token {new.record.id} ({escape(name)}; {', '.join(new.record.scopes)}). Shown once, keep it safe:")
     click.echo(new.plaintext)
 
 
@@ -704,7 +704,9 @@ def tokens_list(as_json: bool) -> None:
     for column in ("id", "name", "scopes", "created", "revoked"):
         table.add_column(column)
     for token in found:
-        table.add_row(token.id, token.name, ", ".join(token.scopes), _when(token.created_at), _when(token.revoked_at))
+        table.add_row(
+            token.id, escape(token.name), ", ".join(token.scopes), _when(token.created_at), _when(token.revoked_at)
+        )
     console.print(table)
 
 

@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0.05, le=86_400)
     """How long a claimed job stays leased without a heartbeat; a third of it is the heartbeat."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3_600)
-    poll_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    poll_interval_seconds: float | None = Field(default=None, gt=0, le=60)
+    """How often an idle worker looks for due jobs; None means 0.05 s on SQLite (a cheap read-only
+    check) and 0.5 s on PostgreSQL (where NOTIFY wakes workers for new jobs at once)."""
     rescue_interval_seconds: float | None = Field(default=None, gt=0, le=3_600)
     """How often expired leases are looked for; None means a quarter of ``lease_seconds``."""
     retention_seconds: float = Field(default=7 * 86_400, ge=0)
@@ -108,6 +110,12 @@ class Settings(BaseSettings):
     @property
     def should_auto_migrate(self) -> bool:
         return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def poll_interval(self) -> float:
+        if self.poll_interval_seconds is not None:
+            return self.poll_interval_seconds
+        return 0.05 if self.is_sqlite else 0.5
 
     @property
     def heartbeat_interval(self) -> float:

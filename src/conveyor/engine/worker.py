@@ -185,7 +185,7 @@ class Worker:
                 )
             except ConveyorError as exc:
                 logger.warning("worker.claim_failed", error=str(exc))
-                await self._wait_for_change(self.settings.poll_interval_seconds)
+                await self._wait_for_change(self.settings.poll_interval)
                 continue
             for job in jobs:
                 self._start(job, executor)
@@ -231,7 +231,7 @@ class Worker:
         """Sleep until jobs may be due: a local enqueue, a finished job, the poll interval, or stop."""
         assert self._changed is not None
         waits = [
-            asyncio.ensure_future(store.wait_for_jobs(self.settings.poll_interval_seconds)),
+            asyncio.ensure_future(store.wait_for_jobs(self.settings.poll_interval)),
             asyncio.ensure_future(self._changed.wait()),
         ]
         try:

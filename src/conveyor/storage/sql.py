@@ -311,6 +311,9 @@ class SqlStore:
         """Claim up to ``limit`` due jobs in claim order (priority, then due time, then age)."""
         if limit <= 0:
             return []
+        if self.dialect == "sqlite" and not await self._any_due(queues, now):
+            # An idle SQLite worker polls often; a read costs nothing, the write lock would.
+            return []
         due = (
             sa.select(jobs.c.id)
             .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
@@ -335,6 +338,15 @@ class SqlStore:
             claimed = [_row_to_job(row) for row in (await conn.execute(claim)).mappings()]
         claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
         return claimed
+
+    async def _any_due(self, queues: Sequence[str], now: datetime) -> bool:
+        probe = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
+            .limit(1)
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(probe)).first() is not None
 
     @_guarded
     async def heartbeat_jobs(self, leases: Mapping[str, str], *, lease_seconds: float, now: datetime) -> set[str]:
