@@ -45,7 +45,7 @@ def _start_worker(database_url: str) -> subprocess.Popen[bytes]:
         "CONVEYOR_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
     }
-    return subprocess.Popen(  # noqa: S603 - our own CLI
+    return subprocess.Popen(
         [sys.executable, "-m", "conveyor", "worker", "--app", "benchmarks.tasks:app", "--concurrency", "10"],
         env=env,
         cwd=ROOT,
