@@ -138,7 +138,9 @@ _STATE_STYLE = {
 
 def _jobs_table(jobs: list[Job], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("id", "task", "queue", "state", "attempt", "run at", "error"):
+    # Ids stay whole on one line, so they can be copied into the next command.
+    table.add_column("id", no_wrap=True)
+    for column in ("task", "queue", "state", "attempt", "run at", "error"):
         table.add_column(column, overflow="fold")
     for job in jobs:
         style = _STATE_STYLE.get(job.state, "")

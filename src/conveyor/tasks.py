@@ -117,6 +117,9 @@ class Task(Generic[P, R]):
             name: _adapter(hints.get(name, parameter.annotation))
             for name, parameter in self.signature.parameters.items()
         }
+        self._var_keyword = next(
+            (p.name for p in self.signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
@@ -169,7 +172,12 @@ class Task(Generic[P, R]):
                 bound.arguments[name] = converted[None]
         if problems:
             raise TaskArgumentsError(f"bad arguments for task {self.name!r}", problems)
-        return list(bound.args), dict(bound.kwargs)
+        # Keep the caller's split: what came by keyword stays a keyword (bound.args would move
+        # keywords of positional-or-keyword parameters into args).
+        by_keyword = {name: value for name, value in bound.arguments.items() if name in kwargs}
+        if (varkw := self._var_keyword) is not None and varkw in bound.arguments:
+            by_keyword.update(bound.arguments[varkw])
+        return list(bound.args)[: len(args)], by_keyword
 
     def _binding_problems(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
         """Every way the arguments miss the signature (``Signature.bind`` stops at the first)."""

@@ -32,6 +32,13 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
         api.state.auth_gate = AuthGate(store)
         worker = Worker(conveyor, concurrency=concurrency) if run_worker else None
         api.state.worker_task = asyncio.create_task(worker.run(), name="conveyor-worker") if worker else None
+        if worker is not None and api.state.worker_task is not None:
+            # Serve once the worker runs (or has ended): a stop() before then is a no-op, so a
+            # shutdown right after start-up would otherwise wait on a worker that never stops.
+            started = asyncio.create_task(worker.started.wait())
+            await asyncio.wait({api.state.worker_task, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
         try:
             yield
         finally:

@@ -11,7 +11,10 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "x-correlation-id"
+INTERNAL_ERROR_MESSAGE = "an unexpected error occurred; quote the correlation id to report it"
 _VALID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+logger = structlog.get_logger("conveyor.api")
 
 _correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conveyor_correlation_id", default=None)
 
@@ -53,9 +56,12 @@ class CorrelationMiddleware:
             return
         correlation_id = given or uuid.uuid4().hex
         token = _correlation_id.set(correlation_id)
+        started = False
 
         async def send_with_header(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [pair for pair in message.get("headers", []) if pair[0].lower() != HEADER.encode()]
                 headers.append((HEADER.encode(), correlation_id.encode()))
                 message = {**message, "headers": headers}
@@ -63,7 +69,16 @@ class CorrelationMiddleware:
 
         try:
             with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
-                await self.app(scope, receive, send_with_header)
+                try:
+                    await self.app(scope, receive, send_with_header)
+                except Exception as exc:
+                    # Answered here, not by Starlette's outermost error handler: that one runs after
+                    # this middleware is done, so its 500 would carry no correlation id at all.
+                    if started:
+                        raise
+                    path = scope.get("path")
+                    logger.error("api.unexpected_error", path=path, error_type=type(exc).__name__, exc_info=exc)
+                    await _send_error(send, 500, "internal_error", INTERNAL_ERROR_MESSAGE, correlation_id)
         finally:
             _correlation_id.reset(token)
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conveyor.api.correlation import current_correlation_id
+from conveyor.api.correlation import INTERNAL_ERROR_MESSAGE, current_correlation_id
 from conveyor.api.schemas import ErrorEnvelope
 from conveyor.errors import (
     JobNotFoundError,
@@ -107,7 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The details go to the log, keyed by correlation id; the client gets nothing internal.
         logger.error("api.unexpected_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
-        return envelope(500, "internal_error", "an unexpected error occurred; quote the correlation id to report it")
+        return envelope(500, "internal_error", INTERNAL_ERROR_MESSAGE)
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
