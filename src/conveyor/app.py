@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
+from opentelemetry.trace import SpanKind
+
+from conveyor import tracing
 from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
+from conveyor.correlation import current_correlation_id
 from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError
 from conveyor.jobs import Job, JobFilter, JobState, NewJob, Page, QueueStats
+from conveyor.metrics import Metrics
 from conveyor.settings import Settings, load_settings
 from conveyor.storage import Store, open_store
 from conveyor.tasks import EnqueueOptions, Task, TaskOptions
@@ -37,6 +43,7 @@ class Conveyor:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings if settings is not None else load_settings(**overrides)
         self.clock: Callable[[], datetime] = utcnow
+        self.metrics = Metrics()
         self._tasks: dict[str, Task[..., Any]] = {}
         self._store: Store | None = None
         self._store_loop: asyncio.AbstractEventLoop | None = None
@@ -172,11 +179,12 @@ class Conveyor:
             problems.extend(exc.problems)
             json_args, json_kwargs = [], {}
         delay = options.delay.total_seconds() if isinstance(options.delay, timedelta) else options.delay
+        timeout = options.timeout.total_seconds() if isinstance(options.timeout, timedelta) else options.timeout
         problems.extend(
             _option_problems(
                 queue=options.queue,
                 max_attempts=options.max_attempts,
-                timeout=options.timeout,
+                timeout=timeout,
                 delay=delay,
                 run_at=options.run_at,
                 idempotency_key=options.idempotency_key,
@@ -196,9 +204,10 @@ class Conveyor:
             priority=options.priority if options.priority is not None else task.options.priority,
             max_attempts=options.max_attempts or task.options.max_attempts or self.settings.max_attempts,
             run_at=run_at,
-            timeout_seconds=options.timeout if options.timeout is not None else task.options.timeout,
+            timeout_seconds=timeout if timeout is not None else task.options.timeout,
             idempotency_key=options.idempotency_key,
-            correlation_id=options.correlation_id,
+            # A job enqueued while handling a request, or by another job, carries its correlation id.
+            correlation_id=options.correlation_id or current_correlation_id(),
         )
 
     async def enqueue_new(self, new: NewJob, *, connection: Any = None) -> Job:
@@ -225,7 +234,18 @@ class Conveyor:
         for new in batch:
             self.get_task(new.task)
         store = await self.store()
-        return await store.insert_jobs(batch, now=self.clock(), connection=connection)
+        with tracing.tracer().start_as_current_span("enqueue", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.system", "conveyor")
+            span.set_attribute("messaging.batch.message_count", len(batch))
+            carrier = tracing.current_context_carrier()
+            if carrier:
+                batch = [dataclasses.replace(new, trace_context=carrier) for new in batch]
+            stored = await store.insert_jobs(batch, now=self.clock(), connection=connection)
+        if self.settings.metrics_enabled:
+            for new, job in zip(batch, stored, strict=True):
+                if job.id == new.id:
+                    self.metrics.enqueued.labels(job.queue, job.task).inc()
+        return stored
 
     # -- reading and operating ------------------------------------------------------------
 

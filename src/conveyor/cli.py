@@ -41,7 +41,9 @@ from conveyor.errors import (
 )
 from conveyor.jobs import Job, JobState, TokenRecord
 from conveyor.log import configure_logging
+from conveyor.metrics import CONTENT_TYPE
 from conveyor.tokens import NewToken, Scope, create_token
+from conveyor.tracing import configure_tracing
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -81,9 +83,13 @@ def load_app(reference: str | None) -> Conveyor:
     """Import ``module:attribute`` (attribute defaults to ``app``) and check it is a Conveyor."""
     if not reference:
         try:
-            return Conveyor()
+            app = Conveyor()
         except ConfigError as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
+        if not app.settings.app:
+            return app
+        # CONVEYOR_APP set in .env (the real environment already reached --app through Click).
+        reference = app.settings.app
     module_name, _, attribute = reference.partition(":")
     # Like uvicorn and celery: the app module usually lives in the directory the command runs in.
     if str(Path.cwd()) not in sys.path:
@@ -253,26 +259,73 @@ def cli(database_url: str | None) -> None:
 @_with_app
 @click.option("--queues", "-q", help="Comma-separated queues to take jobs from (default: setting).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Jobs run at once (default: setting).")
-def worker(app: Conveyor, queues: str | None, concurrency: int | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65_535), help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+def worker(
+    app: Conveyor, queues: str | None, concurrency: int | None, metrics_port: int | None, metrics_host: str
+) -> None:
     """Run jobs until SIGTERM/SIGINT (a second signal stops at once)."""
     from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
 
-    configure_logging(app.settings)
     queue_list = [name.strip() for name in queues.split(",") if name.strip()] if queues else None
     if queues is not None and not queue_list:
         raise click.BadParameter("give at least one queue name", param_hint="--queues")
+    if not app.tasks:
+        # It would claim jobs only to fail them as unknown tasks.
+        _fail("the app has no tasks: point --app (or CONVEYOR_APP) at the module that defines them", EXIT_BAD_INPUT)
+    configure_logging(app.settings)
+    configure_tracing(app.settings)
 
     async def run() -> None:
+        metrics_server = None
+        if metrics_port is not None:
+            config = uvicorn.Config(
+                _metrics_endpoint(app),
+                host=metrics_host,
+                port=metrics_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
+            metrics_server = _QuietServer(config)
+        serving = asyncio.create_task(metrics_server.serve()) if metrics_server else None
         try:
             await Worker(app, queues=queue_list, concurrency=concurrency).run(handle_signals=True)
         finally:
+            if metrics_server is not None and serving is not None:
+                metrics_server.should_exit = True
+                await serving
             await app.close()
 
     run_async(run())
-    if threads_still_running():
-        # Threads cannot be killed; their jobs were handed back already. Do not wait for them.
-        sys.stderr.flush()
-        os._exit(0)
+    if stuck := threads_still_running():
+        # Their jobs were handed back already; the threads are daemons and end with the process.
+        structlog.get_logger("conveyor.worker").warning("worker.threads_abandoned", threads=stuck)
+
+
+def _metrics_endpoint(app: Conveyor) -> Callable[..., Coroutine[Any, Any, None]]:
+    """A one-route ASGI app: GET /metrics, with queue depth refreshed at most every few seconds."""
+
+    async def endpoint(scope: dict[str, Any], _receive: Any, send: Callable[..., Coroutine[Any, Any, None]]) -> None:
+        if scope["path"] != "/metrics":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b"not found; metrics are at /metrics"})
+            return
+        await app.metrics.refresh_queues(await app.store(), app.clock())
+        body = app.metrics.render()
+        headers = [(b"content-type", CONTENT_TYPE.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return endpoint
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn for the metrics port: the worker owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None]:
+        yield
 
 
 @cli.command()
@@ -359,6 +412,37 @@ def jobs_show(app: Conveyor, job_id: str, wait: bool, timeout: float | None, as_
         _emit_json(job.to_json())
     else:
         _show_job(job)
+
+
+@jobs.command("cancel")
+@_with_app
+@click.argument("job_ids", nargs=-1, required=True)
+@JSON_OPTION
+def jobs_cancel(app: Conveyor, job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Cancel jobs that have not started yet (queued, scheduled or retrying)."""
+
+    async def cancel() -> tuple[list[Job], list[str]]:
+        cancelled: list[Job] = []
+        problems: list[str] = []
+        try:
+            for job_id in job_ids:
+                try:
+                    cancelled.append(await app.cancel_job(job_id))
+                except (JobNotFoundError, JobStateError) as exc:
+                    problems.append(str(exc))
+        finally:
+            await app.close()
+        return cancelled, problems
+
+    cancelled, problems = run_async(cancel())
+    if as_json:
+        _emit_json({"cancelled": [job.id for job in cancelled], "errors": problems})
+    else:
+        console.print(f"cancelled {len(cancelled)} job(s)")
+        for problem in problems:
+            errors.print(f"[red]error:[/] {escape(problem)}", highlight=False)
+    if problems:
+        sys.exit(EXIT_CONFLICT)
 
 
 def _list_command(group: click.Group, name: str, fixed_state: JobState | None, help_text: str) -> None:

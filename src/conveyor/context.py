@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import structlog
 
 
@@ -25,6 +26,16 @@ class JobContext:
     @property
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """An HTTP client that sends this job's correlation id and trace with every request.
+
+        Shared by the worker's async tasks; there is none in a CPU task's process.
+        """
+        from conveyor.outgoing import current_client  # noqa: PLC0415 - avoids an import cycle
+
+        return current_client()
 
     @property
     def logger(self) -> Any:

@@ -116,6 +116,8 @@ class NewJob:
     idempotency_key: str | None = None
     request_digest: str | None = None
     """Fingerprint of the request that carried ``idempotency_key`` (the HTTP API sets it)."""
+    trace_context: dict[str, str] | None = None
+    """W3C trace headers of the enqueue, so attempts join its trace."""
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None
@@ -149,6 +151,7 @@ class Job:
     """Every finished attempt, oldest first. A running attempt is not in it yet."""
     idempotency_key: str | None = None
     request_digest: str | None = None
+    trace_context: dict[str, str] | None = None
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     """The HTTP API refuses larger request bodies with 413, before reading them whole."""
     batch_limit: int = Field(default=1_000, ge=1, le=100_000)
     """Most jobs one ``POST /jobs/batch`` may carry."""
+    metrics_enabled: bool = True
+    """Collect Prometheus metrics (``GET /metrics``, ``conveyor worker --metrics-port``)."""
+    otel_endpoint: str | None = None
+    """OTLP/HTTP collector base URL for traces, e.g. http://127.0.0.1:4318; OTEL_EXPORTER_OTLP_ENDPOINT works too."""
+    otel_console: bool = False
+    """Print finished spans to stdout (for a look without a collector)."""
+    otel_service_name: str = "conveyor"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 

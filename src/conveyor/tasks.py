@@ -50,7 +50,7 @@ class EnqueueOptions:
     delay: float | timedelta | None = None
     run_at: datetime | None = None
     max_attempts: int | None = None
-    timeout: float | None = None
+    timeout: float | timedelta | None = None
     idempotency_key: str | None = None
     correlation_id: str | None = None
 

@@ -13,15 +13,18 @@ from conveyor.api.correlation import BodyLimitMiddleware, CorrelationMiddleware
 from conveyor.api.deps import AuthGate
 from conveyor.api.errors import install_error_handlers
 from conveyor.api.routes import jobs, system
+from conveyor.api.telemetry import TelemetryMiddleware
 from conveyor.api.watch import JobWatcher
 from conveyor.app import Conveyor
 from conveyor.engine.worker import Worker
+from conveyor.tracing import configure_tracing
 
 logger = structlog.get_logger("conveyor.api")
 
 
 def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int | None = None) -> FastAPI:
     """The HTTP API for ``conveyor``'s tasks and database, with an embedded worker unless told not to."""
+    configure_tracing(conveyor.settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncGenerator[None]:
@@ -59,9 +62,11 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
     install_error_handlers(api)
     api.include_router(system.router)
     api.include_router(jobs.router)
-    # Outermost first: the correlation id exists before a size check can answer 413.
+    # Added innermost first: telemetry wraps everything, then the correlation id exists
+    # before a size check can answer 413.
     api.add_middleware(BodyLimitMiddleware, max_bytes=conveyor.settings.max_request_bytes)
     api.add_middleware(CorrelationMiddleware)
+    api.add_middleware(TelemetryMiddleware, metrics=conveyor.metrics if conveyor.settings.metrics_enabled else None)
     return api
 
 

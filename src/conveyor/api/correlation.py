@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import re
 import uuid
 
@@ -10,17 +9,13 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from conveyor.correlation import correlated, current_correlation_id
+
 HEADER = "x-correlation-id"
 INTERNAL_ERROR_MESSAGE = "an unexpected error occurred; quote the correlation id to report it"
 _VALID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 logger = structlog.get_logger("conveyor.api")
-
-_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conveyor_correlation_id", default=None)
-
-
-def current_correlation_id() -> str | None:
-    return _correlation_id.get()
 
 
 async def _send_error(send: Send, status: int, code: str, message: str, correlation_id: str | None) -> None:
@@ -55,7 +50,6 @@ class CorrelationMiddleware:
             )
             return
         correlation_id = given or uuid.uuid4().hex
-        token = _correlation_id.set(correlation_id)
         started = False
 
         async def send_with_header(message: Message) -> None:
@@ -67,20 +61,17 @@ class CorrelationMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
-                try:
-                    await self.app(scope, receive, send_with_header)
-                except Exception as exc:
-                    # Answered here, not by Starlette's outermost error handler: that one runs after
-                    # this middleware is done, so its 500 would carry no correlation id at all.
-                    if started:
-                        raise
-                    path = scope.get("path")
-                    logger.error("api.unexpected_error", path=path, error_type=type(exc).__name__, exc_info=exc)
-                    await _send_error(send, 500, "internal_error", INTERNAL_ERROR_MESSAGE, correlation_id)
-        finally:
-            _correlation_id.reset(token)
+        with correlated(correlation_id):
+            try:
+                await self.app(scope, receive, send_with_header)
+            except Exception as exc:
+                # Answered here, not by Starlette's outermost error handler: that one runs after
+                # this middleware is done, so its 500 would carry no correlation id at all.
+                if started:
+                    raise
+                path = scope.get("path")
+                logger.exception("api.unexpected_error", path=path, error_type=type(exc).__name__)
+                await _send_error(send, 500, "internal_error", INTERNAL_ERROR_MESSAGE, correlation_id)
 
 
 class BodyLimitMiddleware:

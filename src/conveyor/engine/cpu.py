@@ -59,10 +59,27 @@ def run_in_child(module: str, qualname: str, args: list[Any], kwargs: dict[str, 
         return "error", (error.to_json(), is_retryable(task, exc))
 
 
+def _configure_child(log_level: str) -> None:
+    """Set up a pool process: the parent's log pipeline, and deaf to SIGINT and SIGTERM.
+
+    Ctrl+C or a SIGTERM sent to the whole process group reaches these processes too; the
+    worker decides what happens to their attempts (finish in the grace period, or be killed
+    and handed back), so they must not die on their own first.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from conveyor.log import configure_logging  # noqa: PLC0415 - runs in the child only
+    from conveyor.settings import Settings  # noqa: PLC0415
+
+    configure_logging(Settings(log_level=log_level))
+
+
 class _Slot:
-    def __init__(self) -> None:
+    def __init__(self, log_level: str) -> None:
         context = multiprocessing.get_context("spawn")
-        self.executor = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        self.executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_configure_child, initargs=(log_level,)
+        )
         self.pid: int | None = None
 
     async def start(self) -> None:
@@ -79,8 +96,9 @@ class _Slot:
 class CpuPool:
     """Up to ``size`` CPU-bound attempts at once, each in its own process."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, log_level: str = "INFO") -> None:
         self.size = size
+        self._log_level = log_level
         self._idle: list[_Slot] = []
         self._busy: set[_Slot] = set()
         self._available = asyncio.Semaphore(size)
@@ -96,7 +114,7 @@ class CpuPool:
     ) -> Any:
         """The task's JSON result; raises ``RemoteFailure``, ``ProcessCrashedError`` or ``TimeoutError``."""
         async with self._available:
-            slot = self._idle.pop() if self._idle else _Slot()
+            slot = self._idle.pop() if self._idle else _Slot(self._log_level)
             self._busy.add(slot)
             healthy = False
             try:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 import structlog
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from conveyor import outgoing, tracing
 from conveyor.backoff import DEFAULT_BACKOFF
 from conveyor.context import JobContext
+from conveyor.correlation import correlated
 from conveyor.engine.cpu import CpuPool, ProcessCrashedError, RemoteFailure
 from conveyor.errors import PermanentError, UnknownTaskError
 from conveyor.events import EventName, Events, JobEvent
@@ -41,50 +45,65 @@ class Executor:
         *,
         worker_id: str,
         cpu_pool: CpuPool,
-        threads: ThreadPoolExecutor,
         events: Events,
         clock: Callable[[], datetime],
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self._tasks = tasks
         self._worker_id = worker_id
         self._cpu_pool = cpu_pool
-        self._threads = threads
         self._events = events
         self._clock = clock
+        self._http = http
 
     async def execute(self, job: Job) -> Ack:
-        """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back."""
+        """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back.
+
+        While it runs, the job's correlation id, identity and trace are current: every log line
+        the task writes carries them, and so does every call made with ``ctx.http``.
+        """
+        with (
+            correlated(job.correlation_id),
+            structlog.contextvars.bound_contextvars(
+                job_id=job.id, task=job.task, attempt=job.attempt, worker=self._worker_id
+            ),
+            tracing.attempt_span(job, self._worker_id) as span,
+        ):
+            if self._http is not None:
+                outgoing.use_client(self._http)
+            ack = await self._attempt(job)
+            if ack.error is not None:
+                tracing.mark_failed(span, ack.error.type, ack.error.message)
+            return ack
+
+    async def _attempt(self, job: Job) -> Ack:
         started_at = self._clock()
         started = time.perf_counter()
         self._events.emit(JobEvent(EventName.STARTED, job, self._worker_id))
         task: Task[..., Any] | None = None
-        with structlog.contextvars.bound_contextvars(
-            job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
-        ):
+        try:
+            task = self._tasks(job.task)
+            result = await self._call(task, job)
             try:
-                task = self._tasks(job.task)
-                result = await self._call(task, job)
-                try:
-                    stored = to_jsonable_python(result)
-                except PydanticSerializationError as exc:
-                    raise PermanentError(f"the task returned a {type(result).__name__}, which is not JSON") from exc
-            except asyncio.CancelledError:
-                raise
-            except TimeoutError as exc:
-                message = f"the attempt ran past its timeout of {job.timeout_seconds}s"
-                error = JobError("TimeoutError", message, "".join(traceback.format_exception(exc)))
-                return self._failed(job, task, error, retryable=True, started_at=started_at, started=started)
-            except RemoteFailure as exc:
-                return self._failed(job, task, exc.error, exc.retryable, started_at=started_at, started=started)
-            except ProcessCrashedError as exc:
-                return self._failed(job, task, describe(exc), retryable=True, started_at=started_at, started=started)
-            except UnknownTaskError as exc:
-                # Perhaps a deploy in progress: another worker may know the task, so it retries.
-                return self._failed(job, None, describe(exc), retryable=True, started_at=started_at, started=started)
-            except Exception as exc:  # noqa: BLE001 - a task may raise anything; it all becomes the job's error
-                return self._failed(
-                    job, task, describe(exc), is_retryable(task, exc), started_at=started_at, started=started
-                )
+                stored = to_jsonable_python(result)
+            except PydanticSerializationError as exc:
+                raise PermanentError(f"the task returned a {type(result).__name__}, which is not JSON") from exc
+        except asyncio.CancelledError:
+            raise
+        except AttemptTimeoutError as exc:
+            error = JobError("TimeoutError", str(exc))
+            return self._failed(job, task, error, retryable=True, started_at=started_at, started=started)
+        except RemoteFailure as exc:
+            return self._failed(job, task, exc.error, exc.retryable, started_at=started_at, started=started)
+        except ProcessCrashedError as exc:
+            return self._failed(job, task, describe(exc), retryable=True, started_at=started_at, started=started)
+        except UnknownTaskError as exc:
+            # Perhaps a deploy in progress: another worker may know the task, so it retries.
+            return self._failed(job, None, describe(exc), retryable=True, started_at=started_at, started=started)
+        except Exception as exc:  # noqa: BLE001 - a task may raise anything; it all becomes the job's error
+            return self._failed(
+                job, task, describe(exc), is_retryable(task, exc), started_at=started_at, started=started
+            )
         duration = time.perf_counter() - started
         self._events.emit(JobEvent(EventName.SUCCEEDED, job, self._worker_id, duration=duration))
         return Ack(
@@ -104,19 +123,30 @@ class Executor:
             max_attempts=job.max_attempts,
             correlation_id=job.correlation_id,
         )
-        timeout = job.timeout_seconds
+        deadline = asyncio.timeout(job.timeout_seconds)
+        try:
+            async with deadline:
+                return await self._invoke(task, job, context)
+        except TimeoutError:
+            # Only our deadline is a timeout of the attempt; a TimeoutError the task raised
+            # itself is an ordinary error, subject to its retry_on.
+            if deadline.expired():
+                raise AttemptTimeoutError(f"the attempt ran past its timeout of {job.timeout_seconds}s") from None
+            raise
+
+    async def _invoke(self, task: Task[..., Any], job: Job, context: JobContext) -> Any:
         if task.options.cpu:
-            return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, context, timeout)
+            # Cancelled at the deadline, the pool kills the attempt's process.
+            return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, context, None)
         args, kwargs = task.from_json_arguments(job.args, job.kwargs)
         if task.context_parameter:
             kwargs[task.context_parameter] = context
         if task.is_async:
-            return await asyncio.wait_for(task.fn(*args, **kwargs), timeout)
-        # A thread cannot be stopped: on timeout the attempt fails at once and its late result
-        # is dropped; tasks that need a hard stop should be cpu=True.
-        loop = asyncio.get_running_loop()
-        call = functools.partial(task.fn, *args, **kwargs)
-        return await asyncio.wait_for(loop.run_in_executor(self._threads, _in_context(call)), timeout)
+            return await task.fn(*args, **kwargs)
+        # A thread cannot be stopped: past the deadline the attempt fails at once and the late
+        # result is dropped. Each attempt gets a daemon thread of its own, so a stuck one never
+        # holds a pool slot that later attempts wait for, nor holds up the process's exit.
+        return await _in_daemon_thread(functools.partial(task.fn, *args, **kwargs), name=f"conveyor-task-{job.id}")
 
     def _record(self, job: Job, outcome: Outcome, started_at: datetime, error: JobError | None = None) -> AttemptRecord:
         return AttemptRecord(
@@ -170,7 +200,30 @@ class Executor:
         )
 
 
-def _in_context(call: Callable[[], Any]) -> Callable[[], Any]:
-    """Carry the caller's contextvars (bound log fields) into the thread."""
+class AttemptTimeoutError(Exception):
+    """The attempt outlived the job's timeout."""
+
+
+def _in_daemon_thread(call: Callable[[], Any], *, name: str) -> asyncio.Future[Any]:
+    """Run ``call`` in a new daemon thread (with the caller's contextvars); await its outcome."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
-    return lambda: context.run(call)
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = context.run(call)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the loop
+            error = exc
+            deliver = functools.partial(settle, lambda: future.set_exception(error))
+        else:
+            deliver = functools.partial(settle, lambda: future.set_result(result))
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

@@ -20,13 +20,13 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from conveyor import outgoing
 from conveyor.engine.cpu import CpuPool
 from conveyor.engine.executor import Executor
 from conveyor.errors import ConveyorError
@@ -79,6 +79,9 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[-12:]}"
         self.events = events or Events()
         self.events.subscribe(log_event)
+        self.metrics = app.metrics if self.settings.metrics_enabled else None
+        if self.metrics is not None:
+            self.events.subscribe(self.metrics.on_event)
         self.stats = WorkerStats()
         self._clock: Callable[[], datetime] = app.clock
         self._running: dict[str, _Running] = {}
@@ -122,16 +125,18 @@ class Worker:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
-        cpu_pool = CpuPool(self.settings.cpu_workers)
-        threads = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="conveyor-task")
+        cpu_pool = CpuPool(self.settings.cpu_workers, log_level=self.settings.log_level)
+        http = outgoing.create_client()
         executor = Executor(
             self.app.get_task,
             worker_id=self.id,
             cpu_pool=cpu_pool,
-            threads=threads,
             events=self.events,
             clock=self._clock,
+            http=http,
         )
+        if self.metrics is not None:
+            self.metrics.capacity.inc(self.concurrency)
         logger.info(
             "worker.started",
             worker=self.id,
@@ -160,7 +165,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             cpu_pool.close()
-            threads.shutdown(wait=False, cancel_futures=True)
+            await http.aclose()
+            if self.metrics is not None:
+                self.metrics.capacity.dec(self.concurrency)
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
@@ -204,6 +211,8 @@ class Worker:
     def _start(self, job: Job, executor: Executor) -> None:
         running = _Running(job=job, started_at=self._clock())
         self._running[job.id] = running
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{job.id}")
 
     async def _attempt(self, running: _Running, executor: Executor) -> None:
@@ -218,6 +227,8 @@ class Worker:
             raise
         finally:
             self._running.pop(running.job.id, None)
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
             self._ack_ready.set()
             self._wake()
 

@@ -146,14 +146,15 @@ _INSERT_COLUMNS = (
     "history",
     "idempotency_key",
     "request_digest",
+    "trace_context",
     "correlation_id",
     "workflow_id",
     "parent_id",
     "created_at",
     "updated_at",
 )
-_JSON_COLUMNS = {"args", "kwargs", "history"}
-_ALL_JSON = {*_JSON_COLUMNS, "result", "error"}
+_JSON_COLUMNS = {"args", "kwargs", "history", "trace_context"}
+_ALL_JSON = {*_JSON_COLUMNS, "result", "error", "trace_context"}
 
 
 def _insert_sql() -> str:
@@ -176,10 +177,7 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
     Returns the stored rows of jobs whose idempotency key already existed.
     """
     records = [
-        tuple(
-            orjson.dumps(row[column]).decode() if column in _JSON_COLUMNS else _plain(row[column])
-            for column in _INSERT_COLUMNS
-        )
+        tuple(_json_text(row[column]) if column in _JSON_COLUMNS else _plain(row[column]) for column in _INSERT_COLUMNS)
         for row in rows
     ]
     await connection.executemany(_INSERT_SQL, records)
@@ -197,6 +195,10 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
         }
         for record in found
     ]
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _plain(value: Any) -> Any:

@@ -94,6 +94,7 @@ jobs = sa.Table(
     sa.Column("idempotency_key", sa.String(255), nullable=True),
     # A digest of the request that used the idempotency key, to tell a replay from a misuse.
     sa.Column("request_digest", sa.String(64), nullable=True),
+    sa.Column("trace_context", JSONType, nullable=True),
     sa.Column("correlation_id", sa.String(255), nullable=True),
     # Room for workflows: a job may belong to one and hang below a parent job.
     sa.Column("workflow_id", sa.String(36), nullable=True),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conveyor.api.deps import Authenticated, CanRead, ConveyorDep
-from conveyor.api.errors import ERROR_RESPONSES
+from conveyor.api.errors import ERROR_RESPONSES, ApiError
 from conveyor.api.schemas import Health, QueuePublic, QueuesPublic, Ready, TaskPublic, TasksPublic
 from conveyor.errors import ConveyorError
+from conveyor.metrics import CONTENT_TYPE
 from conveyor.storage import migrate
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -72,3 +73,17 @@ async def tasks(conveyor: ConveyorDep, _principal: CanRead) -> TasksPublic:
             )
         )
     return TasksPublic(tasks=found)
+
+
+@router.get(
+    "/metrics",
+    tags=["system"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+)
+async def metrics(conveyor: ConveyorDep, _principal: Authenticated) -> PlainTextResponse:
+    if not conveyor.settings.metrics_enabled:
+        raise ApiError(404, "not_found", "metrics are turned off (CONVEYOR_METRICS_ENABLED=false)")
+    await conveyor.metrics.refresh_queues(await conveyor.store(), conveyor.clock())
+    return PlainTextResponse(conveyor.metrics.render(), media_type=CONTENT_TYPE)
