@@ -56,6 +56,9 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
         summary="Durable background jobs over HTTP",
         version=_version(),
         lifespan=lifespan,
+        # Conveyor makes its own request spans and metrics (TelemetryMiddleware), with bounded
+        # labels, on its own registry; FastAPI's built-in ones would count every request twice.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     api.state.conveyor = conveyor
     api.state.worker_task = None
