@@ -14,6 +14,7 @@ import importlib
 import ipaddress
 import os
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Generator
@@ -721,6 +722,16 @@ class _Server(uvicorn.Server):
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn waits for open requests before the lifespan ends: answer held long-polls now,
+        # or each would hold the stop for the whole graceful timeout and then get a bare 500.
+        from conveyor.api.watch import JobWatcher  # noqa: PLC0415 - loaded by serve already
+
+        watcher = getattr(getattr(self.config.app, "state", None), "watcher", None)
+        if isinstance(watcher, JobWatcher):
+            watcher.release_all()
+        await super().shutdown(sockets)
 
 
 @cli.group()

@@ -26,6 +26,7 @@ class JobWatcher:
         self._interval = interval
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._released = False
         store.on_jobs_finished(self._wake)
 
     def start(self) -> None:
@@ -41,8 +42,22 @@ class JobWatcher:
                 future.cancel()
         self._waiters.clear()
 
+    def release_all(self) -> None:
+        """Return every wait now, and every later one at once: the server is stopping.
+
+        Held long-polls would otherwise keep their connections open through the server's whole
+        graceful timeout and then be cut off; released, they answer with the job as it stands.
+        """
+        self._released = True
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
     async def wait(self, job_id: str, timeout: float) -> None:
         """Return when the job finishes or ``timeout`` seconds pass, whichever is first."""
+        if self._released:
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(future)
         try:

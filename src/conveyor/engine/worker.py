@@ -32,12 +32,16 @@ from conveyor.engine.executor import Executor
 from conveyor.errors import ConveyorError
 from conveyor.events import EventName, Events, JobEvent, log_event
 from conveyor.jobs import Ack, Job, JobState, new_job_id
+from conveyor.log import configure_logging
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
     from conveyor.storage import Store
 
 logger = structlog.get_logger("conveyor.worker")
+
+_ACK_COALESCE_SECONDS = 0.002
+_CLAIM_COALESCE_SECONDS = 0.002
 
 
 @dataclass(slots=True)
@@ -120,6 +124,10 @@ class Worker:
     async def run(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
         self._stopping, self._immediate = asyncio.Event(), asyncio.Event()
         self._changed, self._ack_ready = asyncio.Event(), asyncio.Event()
+        if not structlog.is_configured():
+            # An embedded worker whose application set up no logging still logs through stdlib
+            # logging at the configured level, not structlog's print-everything default.
+            configure_logging(self.settings)
         store = await self.app.store()
         loop = asyncio.get_running_loop()
         if handle_signals:
@@ -182,6 +190,11 @@ class Worker:
             if free <= 0:
                 await self._wait_for_change(None)
                 continue
+            if self._running and free < min(self.concurrency // 2, self.settings.claim_batch_size):
+                # Slots free up one by one; claiming each alone costs a transaction apiece.
+                # Wait a moment for more, unless the claim would fill half the capacity.
+                await asyncio.sleep(_CLAIM_COALESCE_SECONDS)
+                free = self.concurrency - len(self._running)
             try:
                 jobs = await store.fetch_jobs(
                     queues=self.queues,
@@ -287,6 +300,10 @@ class Worker:
                 await self._ack_ready.wait()
                 self._ack_ready.clear()
                 continue
+            if self._running and len(self._acks) < self.concurrency // 2:
+                # Group commit: jobs claimed together tend to finish together; one transaction
+                # for all of them beats one per job. A few milliseconds buy a batch.
+                await asyncio.sleep(_ACK_COALESCE_SECONDS)
             batch, self._acks = self._acks, []
             self._acks_in_flight = len(batch)
             try:

@@ -29,14 +29,14 @@ WRITE_OPTION = "conveyor_write"
 _LONG_DIGITS = re.compile(r"\d{19}")
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _loads(value: str | bytes) -> Any:
+def loads(value: str | bytes) -> Any:
     text = value if isinstance(value, str) else value.decode()
     if _LONG_DIGITS.search(text):
         return json.loads(text)
@@ -70,8 +70,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         return _create_sqlite_engine(url, settings)
     return create_async_engine(
         url,
-        json_serializer=_dumps,
-        json_deserializer=_loads,
+        json_serializer=dumps,
+        json_deserializer=loads,
         pool_pre_ping=True,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
@@ -106,8 +106,8 @@ def _create_sqlite_engine(url: sa.URL, settings: Settings) -> AsyncEngine:
     busy_timeout = settings.sqlite_busy_timeout_seconds
     engine = create_async_engine(
         url,
-        json_serializer=_dumps,
-        json_deserializer=_loads,
+        json_serializer=dumps,
+        json_deserializer=loads,
         connect_args={"timeout": busy_timeout},
     )
 
@@ -194,3 +194,29 @@ async def lock_for_migration(connection: Any) -> None:
     """Make concurrent first starts migrate one at a time (SQLite: BEGIN IMMEDIATE already does)."""
     if connection.dialect.name == "postgresql":
         await connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate'))"))
+
+
+# Acks for PostgreSQL, all in one statement: each row still lands only while its job is running
+# under the ack's lease (the fence), exactly as the one-row form does.
+POSTGRES_BULK_ACK = sa.text(
+    """
+    UPDATE conveyor_jobs AS job SET
+        state = ack.state,
+        result = ack.result::jsonb,
+        error = ack.error::jsonb,
+        run_at = COALESCE(ack.run_at, job.run_at),
+        finished_at = ack.finished_at,
+        attempt = job.attempt + ack.delta,
+        history = job.history || jsonb_build_array(ack.entry::jsonb),
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = :now
+    FROM unnest(
+        CAST(:ids AS text[]), CAST(:owners AS text[]), CAST(:states AS text[]), CAST(:results AS text[]),
+        CAST(:errors AS text[]), CAST(:run_ats AS timestamptz[]), CAST(:finished AS timestamptz[]),
+        CAST(:deltas AS int[]), CAST(:entries AS text[])
+    ) AS ack(id, owner, state, result, error, run_at, finished_at, delta, entry)
+    WHERE job.id = ack.id AND job.state = 'running' AND job.lease_owner = ack.owner
+    RETURNING job.id
+    """
+)

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
-import orjson
 import sqlalchemy as sa
 import structlog
+
+from conveyor.storage.dialects import dumps, loads
 
 logger = structlog.get_logger("conveyor.storage")
 
@@ -189,16 +190,13 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
         return []
     found = await connection.fetch("SELECT * FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])", keys)
     return [
-        {
-            name: orjson.loads(value) if name in _ALL_JSON and value is not None else value
-            for name, value in record.items()
-        }
+        {name: loads(value) if name in _ALL_JSON and value is not None else value for name, value in record.items()}
         for record in found
     ]
 
 
 def _json_text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else dumps(value)
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -75,12 +77,26 @@ async def tasks(conveyor: ConveyorDep, _principal: CanRead) -> TasksPublic:
     return TasksPublic(tasks=found)
 
 
+# The metrics are text, but errors are the JSON envelope as on every route: said explicitly,
+# since FastAPI would document every response of a PlainTextResponse route as text/plain.
+_METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"},
+    **{
+        status: {
+            "description": response["description"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+        }
+        for status, response in {**ERROR_RESPONSES, 404: {"description": "Metrics are turned off"}}.items()
+    },
+}
+
+
 @router.get(
     "/metrics",
     tags=["system"],
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+    responses=_METRICS_RESPONSES,
 )
 async def metrics(conveyor: ConveyorDep, _principal: Authenticated) -> PlainTextResponse:
     if not conveyor.settings.metrics_enabled:
