@@ -682,7 +682,7 @@ def serve(
 
     async def run() -> None:
         store = await app.store()
-        if await store.count_active_tokens() == 0:
+        if await store.count_tokens() == 0:
             if not _is_loopback(host) and not insecure:
                 await app.close()
                 raise ConfigError(

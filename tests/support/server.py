@@ -76,6 +76,11 @@ class ServerProcess:
                     continue
         return found
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the log without access lines: what to read when a test fails."""
+        kept = [line for line in self.log_text().splitlines() if '"uvicorn.access"' not in line]
+        return "\n".join(kept[-lines:])
+
     def _port(self) -> int | None:
         for event in self.events():
             match = _LISTENING.match(str(event.get("event", "")))
@@ -111,7 +116,9 @@ class ServerProcess:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=50),
+            # Idle connections are dropped well before uvicorn's 5 s keep-alive timeout closes them,
+            # so a request never races the server closing the connection it was sent on.
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=2),
         )
 
     def stop(self, timeout: float = 30) -> int:

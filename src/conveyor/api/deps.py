@@ -28,7 +28,7 @@ class Principal:
 
 
 class AuthGate:
-    """Decides whether requests need a token: yes once any active token exists.
+    """Decides whether requests need a token: yes once any token has been created (even if revoked).
 
     The answer is cached briefly, so the first ``conveyor tokens create`` on a running
     server closes it within ``ttl`` seconds without a query on every request.
@@ -43,7 +43,8 @@ class AuthGate:
     async def required(self) -> bool:
         now = time.monotonic()
         if now - self._checked_at > self._ttl:
-            self._required = await self._store.count_active_tokens() > 0
+            # Revoking the last token must not open the server: any token ever made counts.
+            self._required = await self._store.count_tokens() > 0
             self._checked_at = now
         return self._required
 

@@ -235,6 +235,17 @@ class SqlStore:
                 return self._inserted(new_jobs, rows, by_key)
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
+        if connection is None and self.dialect == "postgresql":
+            async with self._writing() as conn:
+                # The driver's own pipelined executemany: several times faster for big batches
+                # than the generic path, with the same statement and the same transaction.
+                from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+                raw = await conn.get_raw_connection()
+                existing = await postgres.insert_on_asyncpg(raw.driver_connection, rows)
+            if runnable_queues:
+                self._work_added.set()
+            return self._inserted(new_jobs, rows, {row["idempotency_key"]: _row_to_job(row) for row in existing})
         async with self._writing(connection) as conn:
             # Duplicates are skipped, not errors: a retried insert whose first commit landed
             # must not fail, and a repeated idempotency key returns the first job.
@@ -687,8 +698,9 @@ class SqlStore:
         return [_row_to_token(row) for row in rows]
 
     @_guarded
-    async def count_active_tokens(self) -> int:
-        query = sa.select(sa.func.count()).select_from(tokens).where(tokens.c.revoked_at.is_(None))
+    async def count_tokens(self) -> int:
+        """Every token ever created, revoked ones too: once a server needed tokens, it always does."""
+        query = sa.select(sa.func.count()).select_from(tokens)
         async with self._engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
