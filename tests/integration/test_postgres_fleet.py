@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from tests.support import tasks as support
 from tests.support.processes import WorkerProcess
 from tests.support.waiting import eventually
 
-from conveyor import Conveyor, JobState
+from conveyor import Conveyor, JobState, Outcome
+from conveyor.jobs import Ack, AttemptRecord
 from conveyor.storage.postgres import LISTENER_APPLICATION_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -96,3 +98,30 @@ async def _listening(url: str) -> bool:
     finally:
         await connection.close()
     return count > 0
+
+
+async def test_a_finish_in_one_process_is_announced_to_listeners_in_another(pg_url: str) -> None:
+    """The long-poll's wake-up on PostgreSQL: NOTIFY on the ack, not per-request polling."""
+    from conveyor.settings import Settings  # noqa: PLC0415
+    from conveyor.storage import open_store  # noqa: PLC0415
+
+    watching = await open_store(Settings(database_url=pg_url))
+    acking = await open_store(Settings(database_url=pg_url))
+    announced: asyncio.Queue[set[str]] = asyncio.Queue()
+    try:
+        watching.on_jobs_finished(announced.put_nowait)
+        app = Conveyor(database_url=pg_url)
+        noop = app.task(name="noop")(support.noop.fn)
+        job = noop.job(1)
+        now = app.clock()
+        await acking.insert_jobs([job], now=now)
+        await eventually(lambda: _listening(pg_url), timeout=30)
+        (claimed,) = await acking.fetch_jobs(queues=["default"], limit=1, lease_owner="w#1", lease_seconds=30, now=now)
+        record = AttemptRecord(attempt=1, worker="w", started_at=now, ended_at=now, outcome=Outcome.SUCCEEDED)
+        ack = Ack(job_id=claimed.id, lease_owner="w#1", state=JobState.SUCCEEDED, record=record, result=1)
+        assert await acking.ack_jobs([ack], now=now) == {job.id}
+        assert await asyncio.wait_for(announced.get(), 10) == {job.id}
+        await app.close()
+    finally:
+        await watching.close()
+        await acking.close()
