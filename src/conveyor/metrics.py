@@ -116,8 +116,8 @@ class Metrics:
         for queue in stats:
             for state, count in queue.counts.items():
                 self.queue_jobs.labels(queue.queue, state.value).set(count)
-            if queue.oldest_runnable_at is not None:
-                age = max((now - queue.oldest_runnable_at).total_seconds(), 0.0)
+            if queue.oldest_runnable_at is not None and queue.oldest_runnable_at <= now:
+                age = (now - queue.oldest_runnable_at).total_seconds()
                 self.oldest_due_age.labels(queue.queue).set(age)
 
     def render(self) -> bytes:

@@ -91,8 +91,9 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._acks: list[Ack] = []
         self._claims = 0
-        self._stopping: asyncio.Event | None = None
-        self._immediate: asyncio.Event | None = None
+        # Made here, not in run(): a stop() that comes before run() starts must still count.
+        self._stopping = asyncio.Event()
+        self._immediate = asyncio.Event()
         self._changed: asyncio.Event | None = None
         self._ack_ready: asyncio.Event | None = None
         self._acks_in_flight = 0
@@ -122,7 +123,6 @@ class Worker:
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
-        self._stopping, self._immediate = asyncio.Event(), asyncio.Event()
         self._changed, self._ack_ready = asyncio.Event(), asyncio.Event()
         if not structlog.is_configured():
             # An embedded worker whose application set up no logging still logs through stdlib

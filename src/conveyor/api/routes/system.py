@@ -52,7 +52,8 @@ async def queues(conveyor: ConveyorDep, _principal: CanRead) -> QueuesPublic:
     found = []
     for stats in await conveyor.queue_stats():
         oldest = stats.oldest_runnable_at
-        age = max((now - oldest).total_seconds(), 0.0) if oldest else None
+        # Only jobs already due have waited; a queue of future jobs has no age yet.
+        age = (now - oldest).total_seconds() if oldest and oldest <= now else None
         counts = {state.value: count for state, count in stats.counts.items()}
         found.append(QueuePublic(name=stats.queue, counts=counts, oldest_queued_age_seconds=age))
     return QueuesPublic(queues=found)
