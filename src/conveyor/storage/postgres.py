@@ -188,11 +188,21 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
     keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
     if not keys:
         return []
-    found = await connection.fetch("SELECT * FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])", keys)
+    # JSON columns come back as text whatever codecs the connection has (SQLAlchemy's decode
+    # jsonb, a bare asyncpg connection does not), and are decoded here, once.
+    found = await connection.fetch(_EXISTING_SQL, keys)
     return [
         {name: loads(value) if name in _ALL_JSON and value is not None else value for name, value in record.items()}
         for record in found
     ]
+
+
+_ALL_COLUMNS = (*_INSERT_COLUMNS, "lease_owner", "lease_expires_at", "attempted_at", "finished_at", "result", "error")
+_EXISTING_SQL = (
+    "SELECT "  # noqa: S608 - constant column names
+    + ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
+    + " FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])"
+)
 
 
 def _json_text(value: Any) -> str | None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from types import CoroutineType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -74,7 +75,7 @@ def _guarded(
                     return await method(self, *args, **kwargs)
         except ConveyorError:
             raise
-        except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+        except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             original = getattr(exc, "orig", None) or exc
             detail = str(original).splitlines()[0] if str(original) else type(original).__name__
             raise StorageError(f"{getattr(method, '__name__', 'query')} failed: {detail}") from exc
