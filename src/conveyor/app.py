@@ -48,6 +48,7 @@ class Conveyor:
         self._store: Store | None = None
         self._store_loop: asyncio.AbstractEventLoop | None = None
         self._store_lock: asyncio.Lock | None = None
+        self._group_commit: _GroupCommit | None = None
 
     def __repr__(self) -> str:
         return f"<Conveyor {self.settings.database_url} tasks={len(self._tasks)}>"
@@ -150,6 +151,7 @@ class Conveyor:
         async with self._store_lock:
             if self._store is None:
                 self._store = await open_store(self.settings)
+                self._group_commit = _GroupCommit(self._store, self.clock)
             return self._store
 
     async def close(self) -> None:
@@ -211,7 +213,8 @@ class Conveyor:
         )
 
     async def enqueue_new(self, new: NewJob, *, connection: Any = None) -> Job:
-        (job,) = await self.enqueue_many([new], connection=connection)
+        """Store one checked job. Concurrent calls in this process share one transaction."""
+        (job,) = await self._enqueue([new], connection=connection, grouped=connection is None)
         return job
 
     async def enqueue(
@@ -230,7 +233,9 @@ class Conveyor:
 
     async def enqueue_many(self, jobs: Iterable[NewJob], *, connection: Any = None) -> list[Job]:
         """Store many checked jobs (from ``task.job(...)``) in one transaction."""
-        batch = list(jobs)
+        return await self._enqueue(list(jobs), connection=connection, grouped=False)
+
+    async def _enqueue(self, batch: list[NewJob], *, connection: Any, grouped: bool) -> list[Job]:
         for new in batch:
             self.get_task(new.task)
         store = await self.store()
@@ -240,7 +245,10 @@ class Conveyor:
             carrier = tracing.current_context_carrier()
             if carrier:
                 batch = [dataclasses.replace(new, trace_context=carrier) for new in batch]
-            stored = await store.insert_jobs(batch, now=self.clock(), connection=connection)
+            if grouped and self._group_commit is not None:
+                stored = [await self._group_commit.submit(batch[0])]
+            else:
+                stored = await store.insert_jobs(batch, now=self.clock(), connection=connection)
         if self.settings.metrics_enabled:
             for new, job in zip(batch, stored, strict=True):
                 if job.id == new.id:
@@ -302,6 +310,47 @@ class Conveyor:
         seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
         cutoff = self.clock() - timedelta(seconds=seconds)
         return await (await self.store()).prune_jobs(finished_before=cutoff)
+
+
+class _GroupCommit:
+    """Single enqueues that arrive together are written in one transaction.
+
+    The first waits for no one: its insert starts at once. Whatever arrives while that insert
+    is in flight forms the next batch, so under load a transaction carries many jobs and when
+    idle a job pays no extra wait.
+    """
+
+    def __init__(self, store: Store, clock: Callable[[], datetime], max_batch: int = 500) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_batch = max_batch
+        self._pending: list[tuple[NewJob, asyncio.Future[Job]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def submit(self, new: NewJob) -> Job:
+        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._pending.append((new, future))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush(), name="conveyor-group-commit")
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            try:
+                stored = await self._store.insert_jobs([new for new, _ in batch], now=self._clock())
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - each waiting caller gets the failure as its own
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), job in zip(batch, stored, strict=True):
+                if not future.done():
+                    future.set_result(job)
 
 
 def _option_problems(

@@ -6,6 +6,7 @@ Annotations name module-level types, because they are resolved from the module's
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -326,3 +327,18 @@ def test_every_binding_problem_is_reported_at_once(app: Conveyor) -> None:
         "takes 2 positional argument(s) but 3 were given",
         "unexpected keyword argument 'colour'",
     ]
+
+
+async def test_concurrent_single_enqueues_are_all_stored_once_each(app: Conveyor) -> None:
+    @app.task
+    def note(n: int) -> int:
+        return n
+
+    jobs = await asyncio.gather(*(note.enqueue(n) for n in range(50)))
+    keyed = await asyncio.gather(*(note.using(idempotency_key="same").enqueue(7) for _ in range(5)))
+
+    stored = (await app.list_jobs(limit=100)).jobs
+    assert len({job.id for job in jobs}) == 50
+    assert len({job.id for job in keyed}) == 1, "one key, one job, even inside one group commit"
+    assert sorted(job.args[0] for job in stored if job.idempotency_key is None) == list(range(50))
+    assert len(stored) == 51
