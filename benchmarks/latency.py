@@ -1,6 +1,6 @@
 """Enqueue-to-start latency with an idle, warmed worker: 300 jobs, one at a time.
 
-    uv run python -m benchmarks.latency [--database-url URL] [--jobs N]
+    uv run python -m benchmarks.latency [--postgres SERVER_URL] [--jobs N]
 
 Latency is the job's ``attempted_at`` (the worker's claim) minus its ``created_at`` (the
 enqueue), both on this machine's clock. Each job is awaited before the next is enqueued.
@@ -36,6 +36,14 @@ async def _fresh_postgres(server_url: str) -> str:
     finally:
         await connection.close()
     return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _drop_postgres(server_url: str, name: str) -> None:
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
 
 
 def _start_worker(database_url: str) -> subprocess.Popen[bytes]:
@@ -87,7 +95,10 @@ async def main() -> None:
     options = parser.parse_args()
     results = {}
     database_url = await _fresh_postgres(options.postgres)
-    results["postgresql"] = await measure(database_url, options.jobs)
+    try:
+        results["postgresql"] = await measure(database_url, options.jobs)
+    finally:
+        await _drop_postgres(options.postgres, database_url.rsplit("/", 1)[1])
     sqlite_path = RESULTS / "latency-bench.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)

@@ -68,7 +68,7 @@ class WorkerProcess:
             time.sleep(0.02)
         raise AssertionError(f"no matching event within {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
-    def wait_started(self, timeout: float = 30) -> None:
+    def wait_started(self, timeout: float = 120) -> None:
         self.wait_for_event(lambda event: event.get("event") == "worker.started", timeout)
 
     def stop(self, timeout: float = 30) -> int:
