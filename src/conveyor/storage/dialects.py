@@ -68,6 +68,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
     url = sa.make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, settings)
+    if "sslmode" in url.query:
+        # libpq's spelling, as most PostgreSQL URLs carry it; SQLAlchemy's asyncpg driver wants ``ssl``.
+        query = dict(url.query)
+        query.setdefault("ssl", query.pop("sslmode"))
+        url = url.set(query=query)
     return create_async_engine(
         url,
         json_serializer=dumps,

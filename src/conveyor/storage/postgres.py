@@ -33,7 +33,11 @@ LISTENER_APPLICATION_NAME = "conveyor-listener"
 
 
 def asyncpg_dsn(url: sa.URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """A libpq-style DSN for asyncpg itself, which spells the TLS option ``sslmode``."""
+    query = dict(url.query)
+    if "ssl" in query and "sslmode" not in query:
+        query["sslmode"] = query.pop("ssl")
+    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 def chunk_ids(job_ids: Sequence[str]) -> list[str]:
