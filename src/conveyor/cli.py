@@ -420,7 +420,7 @@ def jobs_show(app: Conveyor, job_id: str, wait: bool, timeout: float | None, as_
 @click.argument("job_ids", nargs=-1, required=True)
 @JSON_OPTION
 def jobs_cancel(app: Conveyor, job_ids: tuple[str, ...], as_json: bool) -> None:
-    """Cancel jobs that have not started yet (queued, scheduled or retrying)."""
+    """Cancel jobs: at once if not started yet; a running job is asked to stop and ends cancelled."""
 
     async def cancel() -> tuple[list[Job], list[str]]:
         cancelled: list[Job] = []
@@ -437,9 +437,14 @@ def jobs_cancel(app: Conveyor, job_ids: tuple[str, ...], as_json: bool) -> None:
 
     cancelled, problems = run_async(cancel())
     if as_json:
-        _emit_json({"cancelled": [job.id for job in cancelled], "errors": problems})
+        stopping = [job.id for job in cancelled if job.state is JobState.RUNNING]
+        done = [job.id for job in cancelled if job.state is not JobState.RUNNING]
+        _emit_json({"cancelled": done, "stopping": stopping, "errors": problems})
     else:
-        console.print(f"cancelled {len(cancelled)} job(s)")
+        stopping_count = sum(job.state is JobState.RUNNING for job in cancelled)
+        console.print(f"cancelled {len(cancelled) - stopping_count} job(s)")
+        if stopping_count:
+            console.print(f"asked {stopping_count} running job(s) to stop; they end cancelled shortly")
         for problem in problems:
             errors.print(f"[red]error:[/] {escape(problem)}", highlight=False)
     if problems:

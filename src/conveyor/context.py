@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -22,6 +23,18 @@ class JobContext:
     attempt: int
     max_attempts: int
     correlation_id: str | None = None
+    cancel_event: threading.Event | None = field(default=None, repr=False, compare=False)
+    """Set when a user cancels the running job (not there in a CPU task's process)."""
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the job was cancelled: a sync task should check it and return early.
+
+        Async tasks need not: they get ``CancelledError`` at their next ``await``. A sync task
+        that ignores it is abandoned after ``CONVEYOR_CANCEL_GRACE_SECONDS``; a CPU task's
+        process is killed then.
+        """
+        return self.cancel_event is not None and self.cancel_event.is_set()
 
     @property
     def is_last_attempt(self) -> bool:

@@ -22,6 +22,8 @@ class EventName(enum.StrEnum):
     """A lease expired: the rescuer ended the attempt."""
     RELEASED = "job.released"
     """Handed back unfinished at shutdown, without burning an attempt."""
+    CANCELLED = "job.cancelled"
+    """Stopped while running because a user cancelled it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ _LEVELS = {
     EventName.DEAD: "error",
     EventName.LOST: "warning",
     EventName.RELEASED: "info",
+    EventName.CANCELLED: "info",
 }
 
 

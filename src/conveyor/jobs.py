@@ -43,6 +43,8 @@ class Outcome(enum.StrEnum):
     """The worker's lease expired (it crashed or hung); the rescuer ended the attempt."""
     RELEASED = "released"
     """The worker shut down before the attempt finished and handed the job back unburnt."""
+    CANCELLED = "cancelled"
+    """A user cancelled the job while this attempt ran; the worker stopped it."""
 
 
 def new_job_id() -> str:
@@ -145,6 +147,8 @@ class Job:
     attempted_at: datetime | None = None
     """When the current or latest attempt started."""
     finished_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    """A user asked this running job to stop; its worker stops it and marks it cancelled."""
     result: Any = None
     error: JobError | None = None
     history: tuple[AttemptRecord, ...] = ()
@@ -182,6 +186,7 @@ class Job:
             "updated_at": iso(self.updated_at),
             "attempted_at": iso(self.attempted_at),
             "finished_at": iso(self.finished_at),
+            "cancel_requested_at": iso(self.cancel_requested_at),
             "lease_owner": self.lease_owner,
             "lease_expires_at": iso(self.lease_expires_at),
             "result": self.result,

@@ -30,6 +30,7 @@ _OUTCOMES = {
     EventName.DEAD: "dead",
     EventName.LOST: "lost",
     EventName.RELEASED: "released",
+    EventName.CANCELLED: "cancelled",
 }
 
 

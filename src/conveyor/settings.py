@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """How often expired leases are looked for; None means a quarter of ``lease_seconds``."""
     retention_seconds: float = Field(default=7 * 86_400, ge=0)
     """Finished jobs older than this are pruned by workers; 0 keeps them forever."""
+    cancel_check_seconds: float = Field(default=0.5, gt=0, le=60)
+    """How often a worker asks whether any of its running jobs was cancelled."""
+    cancel_grace_seconds: float = Field(default=5.0, ge=0, le=3_600)
+    """How long a cancelled sync or CPU task may take to notice before it is abandoned or killed."""
     prune_interval_seconds: float = Field(default=3_600, gt=0)
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
     pool_size: int = Field(default=10, ge=1, le=1_000)

@@ -254,3 +254,25 @@ async def test_attempts_include_a_running_entry_while_the_job_runs(api: Api, con
     await api.wait(job["id"])
     finished = (await api.client.get(f"/jobs/{job['id']}/attempts")).json()["attempts"]
     assert [attempt["outcome"] for attempt in finished] == ["succeeded"]
+
+
+async def test_cancelling_a_running_job_answers_202_and_the_job_ends_cancelled(
+    make_conveyor: Callable[..., Conveyor],
+) -> None:
+    conveyor = make_conveyor(cancel_check_seconds=0.1)
+    entered = asyncio.Event()
+
+    @conveyor.task
+    async def endless() -> None:
+        entered.set()
+        await asyncio.sleep(60)
+
+    async with serve(conveyor) as api:
+        job_id = (await api.client.post("/jobs", json={"task": "endless"})).json()["id"]
+        await asyncio.wait_for(entered.wait(), 10)
+        asked = await api.client.post(f"/jobs/{job_id}/cancel")
+        final = (await api.client.get(f"/jobs/{job_id}", params={"wait": 10})).json()
+    assert asked.status_code == 202
+    assert asked.json()["state"] == "running"
+    assert asked.json()["cancel_requested_at"] is not None
+    assert final["state"] == "cancelled"

@@ -688,19 +688,41 @@ async def test_cancel_stops_queued_scheduled_and_retrying_jobs(store: Store) -> 
     assert await claim(store, queues=["q", "r"], now=T0 + timedelta(days=1)) == []
 
 
-async def test_cancel_refuses_running_and_succeeded_jobs(store: Store) -> None:
-    await insert(store, new(args=["running"]), new(args=["done"]))
-    running = await claim_one(store)
+async def test_cancel_refuses_finished_jobs(store: Store) -> None:
+    await insert(store, new(args=["done"]))
     done = await claim_one(store)
     await store.ack_jobs([ack_for(done, JobState.SUCCEEDED, now=T0)], now=T0)
 
-    for job_id, state in ((running.id, JobState.RUNNING), (done.id, JobState.SUCCEEDED)):
-        before = await get(store, job_id)
-        with pytest.raises(JobStateError) as caught:
-            await store.cancel_job(job_id, now=T0)
-        assert caught.value.state == state
-        assert caught.value.operation == "cancel"
-        assert await get(store, job_id) == before
+    before = await get(store, done.id)
+    with pytest.raises(JobStateError) as caught:
+        await store.cancel_job(done.id, now=T0)
+    assert caught.value.state == JobState.SUCCEEDED
+    assert caught.value.operation == "cancel"
+    assert await get(store, done.id) == before
+
+
+async def test_cancelling_a_running_job_asks_its_worker_to_stop(store: Store) -> None:
+    await insert(store, new(args=["running"]))
+    running = await claim_one(store)
+
+    asked = await store.cancel_job(running.id, now=T0)
+    again = await store.cancel_job(running.id, now=T0 + timedelta(seconds=5))
+
+    assert (asked.state, asked.cancel_requested_at) == (JobState.RUNNING, T0)
+    assert again.cancel_requested_at == T0, "the first request's time is kept"
+    assert await store.cancel_requested_among([running.id, new_job_id()]) == {running.id}
+
+
+async def test_a_retry_ack_of_a_job_asked_to_stop_ends_it_cancelled(store: Store) -> None:
+    await insert(store, new(args=["running"], max_attempts=5))
+    running = await claim_one(store)
+    await store.cancel_job(running.id, now=T0)
+
+    await store.ack_jobs([ack_for(running, JobState.RETRYING, now=T0)], now=T0)
+
+    final = await get(store, running.id)
+    assert final.state is JobState.CANCELLED
+    assert final.finished_at == T0
 
 
 async def test_cancel_of_an_unknown_job_raises_not_found(store: Store) -> None:

@@ -64,7 +64,7 @@ class JobErrorPublic(Strict):
 
 class AttemptPublic(Strict):
     attempt: int
-    outcome: Literal["running", "succeeded", "failed", "lost", "released"]
+    outcome: Literal["running", "succeeded", "failed", "lost", "released", "cancelled"]
     worker: str | None
     started_at: datetime | None
     ended_at: datetime | None
@@ -98,6 +98,9 @@ class JobPublic(Strict):
     updated_at: datetime
     started_at: datetime | None = Field(description="When the current or latest attempt started.")
     finished_at: datetime | None
+    cancel_requested_at: datetime | None = Field(
+        default=None, description="When a cancel was asked of this running job; its worker is stopping it."
+    )
     result: Any = Field(default=None, description="The task's return value, once succeeded.")
     error: JobErrorPublic | None = Field(default=None, description="The latest attempt's error.")
     correlation_id: str | None
@@ -122,6 +125,7 @@ class JobPublic(Strict):
             updated_at=job.updated_at,
             started_at=job.attempted_at,
             finished_at=job.finished_at,
+            cancel_requested_at=job.cancel_requested_at,
             result=job.result,
             error=JobErrorPublic.of(job.error),
             correlation_id=job.correlation_id,

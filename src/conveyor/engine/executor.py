@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import threading
 import time
@@ -56,7 +57,7 @@ class Executor:
         self._clock = clock
         self._http = http
 
-    async def execute(self, job: Job) -> Ack:
+    async def execute(self, job: Job, cancel_event: threading.Event | None = None) -> Ack:
         """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back.
 
         While it runs, the job's correlation id, identity and trace are current: every log line
@@ -71,19 +72,19 @@ class Executor:
         ):
             if self._http is not None:
                 outgoing.use_client(self._http)
-            ack = await self._attempt(job)
+            ack = await self._attempt(job, cancel_event)
             if ack.error is not None:
                 tracing.mark_failed(span, ack.error.type, ack.error.message)
             return ack
 
-    async def _attempt(self, job: Job) -> Ack:
+    async def _attempt(self, job: Job, cancel_event: threading.Event | None) -> Ack:
         started_at = self._clock()
         started = time.perf_counter()
         self._events.emit(JobEvent(EventName.STARTED, job, self._worker_id))
         task: Task[..., Any] | None = None
         try:
             task = self._tasks(job.task)
-            result = await self._call(task, job)
+            result = await self._call(task, job, cancel_event)
             try:
                 stored = to_jsonable_python(result)
             except PydanticSerializationError as exc:
@@ -114,7 +115,7 @@ class Executor:
             result=stored,
         )
 
-    async def _call(self, task: Task[..., Any], job: Job) -> Any:
+    async def _call(self, task: Task[..., Any], job: Job, cancel_event: threading.Event | None) -> Any:
         context = JobContext(
             job_id=job.id,
             task=job.task,
@@ -122,6 +123,7 @@ class Executor:
             attempt=job.attempt,
             max_attempts=job.max_attempts,
             correlation_id=job.correlation_id,
+            cancel_event=cancel_event,
         )
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
@@ -137,7 +139,9 @@ class Executor:
     async def _invoke(self, task: Task[..., Any], job: Job, context: JobContext) -> Any:
         if task.options.cpu:
             # Cancelled at the deadline, the pool kills the attempt's process.
-            return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, context, None)
+            # The child gets no cancel event (it cannot cross processes); a cancel kills the process.
+            plain = dataclasses.replace(context, cancel_event=None)
+            return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, plain, None)
         args, kwargs = task.from_json_arguments(job.args, job.kwargs)
         if task.context_parameter:
             kwargs[task.context_parameter] = context
@@ -197,6 +201,16 @@ class Executor:
             record=self._record(job, Outcome.RELEASED, started_at),
             run_at=self._clock(),
             attempt_delta=-1,
+        )
+
+    def cancelled(self, job: Job, started_at: datetime) -> Ack:
+        """The ack for an attempt stopped because a user cancelled the job: finished, not retried."""
+        self._events.emit(JobEvent(EventName.CANCELLED, job, self._worker_id))
+        return Ack(
+            job_id=job.id,
+            lease_owner=job.lease_owner or "",
+            state=JobState.CANCELLED,
+            record=self._record(job, Outcome.CANCELLED, started_at),
         )
 
 

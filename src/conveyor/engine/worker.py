@@ -50,6 +50,8 @@ class _Running:
     started_at: datetime
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
+    cancel_requested: bool = False
+    cancel_event: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(slots=True)
@@ -156,6 +158,9 @@ class Worker:
         background = [
             asyncio.create_task(self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat, store)),
             asyncio.create_task(self._loop("rescuer", self.settings.rescue_interval, self._rescue, store)),
+            asyncio.create_task(
+                self._loop("canceller", self.settings.cancel_check_seconds, self._check_cancels, store)
+            ),
         ]
         if self.settings.retention_seconds > 0:
             background.append(
@@ -232,10 +237,15 @@ class Worker:
         assert self._ack_ready is not None
         try:
             # Await first, then append: `self._acks` is swapped out by the acker meanwhile.
-            ack = await executor.execute(running.job)
+            ack = await executor.execute(running.job, running.cancel_event)
+            if running.cancel_requested:
+                # The task noticed the cancel and returned: the job still ends cancelled.
+                ack = executor.cancelled(running.job, running.started_at)
             self._acks.append(ack)
         except asyncio.CancelledError:
-            if not running.lease_lost:
+            if running.cancel_requested:
+                self._acks.append(executor.cancelled(running.job, running.started_at))
+            elif not running.lease_lost:
                 self._acks.append(executor.released(running.job, running.started_at))
             raise
         finally:
@@ -346,6 +356,32 @@ class Worker:
             logger.warning("worker.lease_lost", job_id=job_id, task=running.job.task)
             running.lease_lost = True
             running.task.cancel()
+
+    async def _check_cancels(self, store: Store) -> None:
+        """Stop running jobs a user cancelled: async ones at once, others after a grace period."""
+        asking = [job_id for job_id, running in self._running.items() if not running.cancel_requested]
+        if not asking:
+            return
+        for job_id in await store.cancel_requested_among(asking):
+            running = self._running.get(job_id)
+            if running is None or running.task is None or running.task.done():
+                continue
+            running.cancel_requested = True
+            running.cancel_event.set()
+            task = self.app.tasks.get(running.job.task)
+            at_once = task is not None and task.is_async and not task.options.cpu
+            logger.info(
+                "worker.cancelling",
+                job_id=job_id,
+                task=running.job.task,
+                grace_seconds=0 if at_once else self.settings.cancel_grace_seconds,
+            )
+            if at_once:
+                running.task.cancel()
+            else:
+                # A thread cannot be interrupted: it is told through ctx.cancel_requested and
+                # abandoned if still running after the grace; a CPU task's process is killed then.
+                asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, running.task.cancel)
 
     async def _rescue(self, store: Store) -> None:
         for job in await store.rescue_jobs(now=self._clock()):

@@ -201,7 +201,16 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
     ]
 
 
-_ALL_COLUMNS = (*_INSERT_COLUMNS, "lease_owner", "lease_expires_at", "attempted_at", "finished_at", "result", "error")
+_ALL_COLUMNS = (
+    *_INSERT_COLUMNS,
+    "lease_owner",
+    "lease_expires_at",
+    "attempted_at",
+    "finished_at",
+    "cancel_requested_at",
+    "result",
+    "error",
+)
 _EXISTING_SQL = (
     "SELECT "  # noqa: S608 - constant column names
     + ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)

@@ -88,6 +88,7 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", UTCDateTime, nullable=True),
     sa.Column("attempted_at", UTCDateTime, nullable=True),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("cancel_requested_at", UTCDateTime, nullable=True),
     sa.Column("result", JSONType, nullable=True),
     sa.Column("error", JSONType, nullable=True),
     sa.Column("history", JSONType, nullable=False),

@@ -129,6 +129,7 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
         lease_expires_at=row["lease_expires_at"],
         attempted_at=row["attempted_at"],
         finished_at=row["finished_at"],
+        cancel_requested_at=row["cancel_requested_at"],
         result=row["result"],
         error=JobError.from_json(row["error"]),
         history=tuple(AttemptRecord.from_json(entry) for entry in row["history"] or ()),
@@ -289,6 +290,7 @@ class SqlStore:
             "lease_expires_at": None,
             "attempted_at": None,
             "finished_at": None,
+            "cancel_requested_at": None,
             "result": None,
             "error": None,
             "history": [],
@@ -403,6 +405,19 @@ class SqlStore:
         )
 
     async def _apply_acks(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
+        applied = await self._apply_acks_as_given(conn, acks, now)
+        again = [ack.job_id for ack in acks if ack.job_id in applied and ack.state not in FINISHED_STATES]
+        if again:
+            # An attempt that ended on its own after a user asked the job to stop does not run
+            # again: the cancel wins over the retry (or the shutdown hand-back).
+            await conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(again), jobs.c.cancel_requested_at.is_not(None))
+                .values(state=JobState.CANCELLED.value, finished_at=now, updated_at=now)
+            )
+        return applied
+
+    async def _apply_acks_as_given(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         if self.dialect == "postgresql":
             return await self._apply_acks_at_once(conn, acks, now)
         # SQLite runs in-process: a statement per ack inside one transaction costs no round trip.
@@ -616,7 +631,12 @@ class SqlStore:
     # -- operator actions -----------------------------------------------------------------
 
     async def _transition(
-        self, job_id: str, from_states: Sequence[JobState], values: dict[str, Any], operation: str
+        self,
+        job_id: str,
+        from_states: Sequence[JobState],
+        values: dict[str, Any],
+        operation: str,
+        allowed: Sequence[JobState] | None = None,
     ) -> Job:
         change = (
             sa.update(jobs)
@@ -643,17 +663,45 @@ class SqlStore:
             return _row_to_job(row)
         if state is None:
             raise JobNotFoundError(job_id)
-        raise JobStateError(job_id, state, operation, [state.value for state in from_states])
+        raise JobStateError(job_id, state, operation, [state.value for state in allowed or from_states])
 
     @_guarded
     async def cancel_job(self, job_id: str, *, now: datetime) -> Job:
-        """Cancel a job that has not started (queued, scheduled or retrying)."""
+        """Cancel a job: one not started yet is cancelled at once; a running one is asked to stop.
+
+        A running job stays ``running`` with ``cancel_requested_at`` set until its worker stops
+        the attempt and records it ``cancelled``.
+        """
+        request = (
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
+            .values(cancel_requested_at=sa.func.coalesce(jobs.c.cancel_requested_at, now), updated_at=now)
+            .returning(*jobs.c)
+        )
+        async with self._writing() as conn:
+            row = (await conn.execute(request)).mappings().first()
+        if row is not None:
+            return _row_to_job(row)
         return await self._transition(
             job_id,
             CANCELLABLE_STATES,
             {"state": JobState.CANCELLED.value, "finished_at": now, "updated_at": now},
             "cancel",
+            allowed=(*CANCELLABLE_STATES, JobState.RUNNING),
         )
+
+    @_guarded
+    async def cancel_requested_among(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these running jobs a user asked to stop (one query for a worker's whole set)."""
+        if not job_ids:
+            return set()
+        query = sa.select(jobs.c.id).where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.cancel_requested_at.is_not(None),
+        )
+        async with self._engine.connect() as conn:
+            return set((await conn.execute(query)).scalars())
 
     @_guarded
     async def retry_job(self, job_id: str, *, now: datetime) -> Job:
@@ -666,6 +714,7 @@ class SqlStore:
                 "attempt": 0,
                 "run_at": now,
                 "finished_at": None,
+                "cancel_requested_at": None,
                 "updated_at": now,
             },
             "retry",

@@ -196,10 +196,24 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=_CONFLICT, summary="Cancel a job")
-async def cancel_job(job_id: str, conveyor: ConveyorDep, _principal: CanWrite) -> JobPublic:
-    """Cancels a queued, scheduled or retrying job; a running or finished one is a conflict."""
-    return JobPublic.of(await conveyor.cancel_job(job_id))
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={
+        **_CONFLICT,
+        202: {"model": JobPublic, "description": "The job is running: its worker was asked to stop it"},
+    },
+    summary="Cancel a job",
+)
+async def cancel_job(job_id: str, response: Response, conveyor: ConveyorDep, _principal: CanWrite) -> JobPublic:
+    """Cancels a queued, scheduled or retrying job at once (200). A running job is asked to stop
+    (202, `cancel_requested_at` set): an async task is interrupted within about a second, a sync
+    or CPU task after `CONVEYOR_CANCEL_GRACE_SECONDS`; it then ends `cancelled`. A finished job
+    is a conflict (409)."""
+    job = await conveyor.cancel_job(job_id)
+    if job.state is JobState.RUNNING:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return JobPublic.of(job)
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=_CONFLICT, summary="Retry a dead or cancelled job")
