@@ -77,7 +77,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         url,
         json_serializer=dumps,
         json_deserializer=loads,
-        pool_pre_ping=True,
+        # No pre-ping: it would cost a round trip on every checkout. A connection that died is
+        # found by the statement itself, and the store retries that (dialects.is_transient).
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout_seconds,

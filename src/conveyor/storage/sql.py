@@ -148,6 +148,11 @@ class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._write_engine = engine.execution_options(**{dialects.WRITE_OPTION: True})
+        # PostgreSQL reads skip BEGIN/ROLLBACK, two round trips each. (On SQLite, switching a
+        # connection to autocommit and back costs more than the transaction it saves.)
+        self._read_engine = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+        )
         self.dialect = engine.dialect.name
         # SQLite has one writer at a time; queueing our own writers here is cheaper than
         # letting them meet in SQLite's busy handler, which sleeps.
@@ -360,7 +365,7 @@ class SqlStore:
             .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
             .limit(1)
         )
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             return (await conn.execute(probe)).first() is not None
 
     @_guarded
@@ -507,7 +512,7 @@ class SqlStore:
         if not job_ids:
             return set()
         query = sa.select(jobs.c.id).where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(_FINISHED))
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             return set((await conn.execute(query)).scalars())
 
     @_guarded
@@ -580,7 +585,7 @@ class SqlStore:
 
     @_guarded
     async def get_job(self, job_id: str) -> Job | None:
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
         return _row_to_job(row) if row else None
 
@@ -600,7 +605,7 @@ class SqlStore:
             query = query.where(jobs.c.created_at < job_filter.created_before)
         if cursor is not None:
             query = query.where(jobs.c.id < cursor)
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             found = [_row_to_job(row) for row in (await conn.execute(query)).mappings()]
         more = len(found) > limit
         page = found[:limit]
@@ -614,7 +619,7 @@ class SqlStore:
             .where(jobs.c.state.in_(_RUNNABLE))
             .group_by(jobs.c.queue)
         )
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             count_rows = (await conn.execute(counts)).all()
             oldest_rows = (await conn.execute(oldest)).all()
         by_queue: dict[str, dict[JobState, int]] = {}
@@ -700,7 +705,7 @@ class SqlStore:
             jobs.c.state == JobState.RUNNING.value,
             jobs.c.cancel_requested_at.is_not(None),
         )
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             return set((await conn.execute(query)).scalars())
 
     @_guarded
@@ -737,13 +742,13 @@ class SqlStore:
 
     @_guarded
     async def get_token(self, token_id: str) -> TokenRecord | None:
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             row = (await conn.execute(sa.select(tokens).where(tokens.c.id == token_id))).mappings().first()
         return _row_to_token(row) if row else None
 
     @_guarded
     async def list_tokens(self) -> list[TokenRecord]:
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             rows = (await conn.execute(sa.select(tokens).order_by(tokens.c.created_at))).mappings().all()
         return [_row_to_token(row) for row in rows]
 
@@ -751,7 +756,7 @@ class SqlStore:
     async def count_tokens(self) -> int:
         """Every token ever created, revoked ones too: once a server needed tokens, it always does."""
         query = sa.select(sa.func.count()).select_from(tokens)
-        async with self._engine.connect() as conn:
+        async with self._read_engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
     @_guarded
