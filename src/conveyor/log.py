@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 from conveyor.settings import Settings
@@ -38,7 +39,9 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.processors.JSONRenderer(serializer=_orjson_text)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         # Level first: a debug event below the level costs nothing more.
@@ -72,3 +75,9 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
 
 def _identity(_logger: Any, _name: str, event_dict: Any) -> Any:
     return event_dict
+
+
+def _orjson_text(value: Any, **_options: Any) -> str:
+    # orjson renders a log line several times faster than the json module; anything it cannot
+    # encode (a custom object in a log field) falls back to its repr.
+    return orjson.dumps(value, default=repr).decode()

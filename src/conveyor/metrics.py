@@ -6,8 +6,9 @@ correlation ids or other request data.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -93,18 +94,26 @@ class Metrics:
         self._queues_refreshed_at = float("-inf")
 
     def on_event(self, event: JobEvent) -> None:
-        """Subscriber for the worker's events."""
+        """Subscriber for the worker's events: two cached children per event, no label lookups."""
         job = event.job
         if event.name is EventName.STARTED:
-            self.started.labels(job.queue, job.task).inc()
+            started, queue_wait = self._started_children(job.queue, job.task)
+            started.inc()
             if job.attempted_at is not None:
-                waited = (job.attempted_at - job.run_at).total_seconds()
-                self.queue_wait.labels(job.queue, job.task).observe(max(waited, 0.0))
+                queue_wait.observe(max((job.attempted_at - job.run_at).total_seconds(), 0.0))
             return
-        outcome = _OUTCOMES[event.name]
-        self.completed.labels(job.queue, job.task, outcome).inc()
+        completed, duration = self._completed_children(job.queue, job.task, _OUTCOMES[event.name])
+        completed.inc()
         if event.duration is not None:
-            self.duration.labels(job.queue, job.task, outcome).observe(event.duration)
+            duration.observe(event.duration)
+
+    @functools.lru_cache(maxsize=4_096)  # noqa: B019 - one Metrics per app, living as long as it
+    def _started_children(self, queue: str, task: str) -> tuple[Any, Any]:
+        return self.started.labels(queue, task), self.queue_wait.labels(queue, task)
+
+    @functools.lru_cache(maxsize=4_096)  # noqa: B019 - one Metrics per app, living as long as it
+    def _completed_children(self, queue: str, task: str, outcome: str) -> tuple[Any, Any]:
+        return self.completed.labels(queue, task, outcome), self.duration.labels(queue, task, outcome)
 
     async def refresh_queues(self, store: Store, now: datetime, *, max_age: float = 5.0) -> None:
         """Queue depth from the database, at most every ``max_age`` seconds (scrapes stay cheap)."""
