@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,7 +69,15 @@ _LEVELS = {
 }
 
 
+_STDLIB_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_stdlib_logger = logging.getLogger("conveyor.worker")
+
+
 def log_event(event: JobEvent) -> None:
+    level = _LEVELS[event.name]
+    if not _stdlib_logger.isEnabledFor(_STDLIB_LEVELS[level]):
+        # Below the level (a job.started at INFO): skip building the line at all.
+        return
     fields: dict[str, object] = {
         "job_id": event.job.id,
         "task": event.job.task,
@@ -85,4 +94,4 @@ def log_event(event: JobEvent) -> None:
         fields["error"] = event.error.message
     if event.retry_in is not None:
         fields["retry_in_s"] = round(event.retry_in, 3)
-    getattr(logger, _LEVELS[event.name])(event.name.value, **fields)
+    getattr(logger, level)(event.name.value, **fields)
