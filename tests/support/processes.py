@@ -29,15 +29,15 @@ def worker_env(database_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """``conveyor worker`` in a child process, its log in a file."""
+class LoggedProcess:
+    """A ``python -m conveyor ...`` child process with its output in a log file of JSON lines."""
 
-    def __init__(self, log_path: Path, database_url: str, args: Sequence[str] = (), **settings: str) -> None:
+    def __init__(self, log_path: Path, command: Sequence[str], env: dict[str, str]) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "worker", "--app", "tests.support.tasks:app", *args],
-            env=worker_env(database_url, **settings),
+            [sys.executable, "-m", "conveyor", *command],
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
@@ -47,15 +47,18 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def events(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        found = []
+        for line in self.log_text().splitlines():
             if line.startswith("{"):
                 try:
-                    lines.append(json.loads(line))
+                    found.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue
-        return lines
+        return found
 
     def wait_for_event(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -64,14 +67,12 @@ class WorkerProcess:
                 if predicate(event):
                     return event
             if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+                raise AssertionError(f"process exited with {self.process.returncode}:\n{self.log_text()}")
             time.sleep(0.02)
-        raise AssertionError(f"no matching event within {timeout}s:\n{self.log_path.read_text()[-4000:]}")
-
-    def wait_started(self, timeout: float = 120) -> None:
-        self.wait_for_event(lambda event: event.get("event") == "worker.started", timeout)
+        raise AssertionError(f"no matching event within {timeout}s:\n{self.log_text()[-4000:]}")
 
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit code (a graceful stop is 0)."""
         if self.process.poll() is None:
             self.process.terminate()
         try:
@@ -84,3 +85,14 @@ class WorkerProcess:
             self.process.kill()
         self.process.wait(10)
         self._log.close()
+
+
+class WorkerProcess(LoggedProcess):
+    """``conveyor worker`` on the test tasks."""
+
+    def __init__(self, log_path: Path, database_url: str, args: Sequence[str] = (), **settings: str) -> None:
+        command = ["worker", "--app", "tests.support.tasks:app", *args]
+        super().__init__(log_path, command, worker_env(database_url, **settings))
+
+    def wait_started(self, timeout: float = 120) -> None:
+        self.wait_for_event(lambda event: event.get("event") == "worker.started", timeout)

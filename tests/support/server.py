@@ -7,18 +7,15 @@ it and binding it; uvicorn logs the port it got, and ``wait_ready`` reads it fro
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from tests.support.processes import REPO_ROOT, worker_env
+from tests.support.processes import REPO_ROOT, LoggedProcess, worker_env
 
 APP = "tests.support.tasks:app"
 HOST = "127.0.0.1"
@@ -44,37 +41,13 @@ def run_cli(
     )
 
 
-class ServerProcess:
+class ServerProcess(LoggedProcess):
     """``conveyor serve --host 127.0.0.1 --port 0`` in a child process, its log in a file."""
 
     def __init__(self, log_path: Path, database_url: str, args: Sequence[str] = (), **settings: str) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
+        command = ["serve", "--app", APP, "--host", HOST, "--port", "0", *args]
+        super().__init__(log_path, command, worker_env(database_url, **settings))
         self.base_url: str | None = None
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "serve", "--app", APP, "--host", HOST, "--port", "0", *args],
-            env=worker_env(database_url, **settings),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return found
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the log without access lines: what to read when a test fails."""
@@ -120,18 +93,3 @@ class ServerProcess:
             # so a request never races the server closing the connection it was sent on.
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=2),
         )
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then the exit code (a graceful stop is 0)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self._log.close()
