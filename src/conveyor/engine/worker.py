@@ -31,7 +31,7 @@ from conveyor.engine.cpu import CpuPool
 from conveyor.engine.executor import Executor
 from conveyor.errors import ConveyorError
 from conveyor.events import EventName, Events, JobEvent, log_event
-from conveyor.jobs import Ack, Job, JobState, new_job_id
+from conveyor.jobs import Ack, Job, new_job_id
 from conveyor.log import configure_logging
 
 if TYPE_CHECKING:
@@ -104,9 +104,10 @@ class Worker:
     # -- control ------------------------------------------------------------------------
 
     def stop(self, *, immediate: bool = False) -> None:
-        """Stop claiming and shut down; ``immediate`` hands running jobs back without waiting."""
-        if self._stopping is None or self._immediate is None:
-            return
+        """Stop claiming and shut down; ``immediate`` hands running jobs back without waiting.
+
+        Safe to call before ``run()``: the run then ends as soon as it starts.
+        """
         if self._stopping.is_set() or immediate:
             self._immediate.set()
         self._stopping.set()
@@ -118,7 +119,7 @@ class Worker:
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        immediate = self._stopping is not None and self._stopping.is_set()
+        immediate = self._stopping.is_set()
         logger.info("worker.signal", signal=name, immediate=immediate, running=len(self._running))
         self.stop(immediate=immediate)
 
@@ -188,7 +189,6 @@ class Worker:
         return self.stats
 
     async def _produce(self, store: Store, executor: Executor, *, drain: bool) -> None:
-        assert self._stopping is not None
         assert self._changed is not None
         while not self._stopping.is_set():
             free = self.concurrency - len(self._running)
@@ -278,7 +278,6 @@ class Worker:
 
     async def _finish_running(self) -> None:
         """Give running jobs the grace period, then cancel them (they hand themselves back)."""
-        assert self._immediate is not None
         pending = {running.task for running in self._running.values() if running.task is not None}
         if not pending:
             return
@@ -301,7 +300,6 @@ class Worker:
 
     async def _acker(self, store: Store) -> None:
         """Write acks in batches until the worker has stopped and nothing is left to write."""
-        assert self._stopping is not None
         assert self._ack_ready is not None
         while True:
             if not self._acks:
@@ -401,4 +399,4 @@ def threads_still_running() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name.startswith("conveyor-task") and thread.is_alive())
 
 
-__all__ = ["JobState", "Worker", "WorkerStats", "threads_still_running"]
+__all__ = ["Worker", "WorkerStats", "threads_still_running"]
