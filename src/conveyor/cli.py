@@ -180,6 +180,7 @@ def _show_job(job: Job) -> None:
         "finished": _when(job.finished_at),
         "result": orjson.dumps(job.result).decode() if job.state is JobState.SUCCEEDED else "-",
         "error": f"{job.error.type}: {job.error.message}" if job.error else "-",
+        "progress": _progress_text(job.progress),
         "correlation id": job.correlation_id or "-",
     }
     for key, value in rows.items():
@@ -200,6 +201,13 @@ def _show_job(job: Job) -> None:
                 escape(error[:80]),
             )
         console.print(history)
+
+
+def _progress_text(progress: dict[str, Any] | None) -> str:
+    if not progress:
+        return "-"
+    message = f" {progress['message']}" if progress.get("message") else ""
+    return f"{progress['fraction']:.0%}{message}"
 
 
 def _finish_with(job: Job, as_json: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,19 @@ class JobContext:
     correlation_id: str | None = None
     cancel_event: threading.Event | None = field(default=None, repr=False, compare=False)
     """Set when a user cancels the running job (not there in a CPU task's process)."""
+    progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the task got (0.0 to 1.0), with an optional message.
+
+        Cheap to call often: the worker writes the latest report to the job at most every
+        ``CONVEYOR_PROGRESS_WRITE_SECONDS``. Shown on ``GET /jobs/{id}`` and ``conveyor jobs show``.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress is a fraction from 0.0 to 1.0, not {fraction}")
+        if self.progress_sink is None:
+            raise RuntimeError("progress is reported by async and sync tasks run by a worker, not from cpu=True tasks")
+        self.progress_sink(fraction, message[:500] if message else None)
 
     @property
     def cancel_requested(self) -> bool:

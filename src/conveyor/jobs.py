@@ -149,6 +149,8 @@ class Job:
     finished_at: datetime | None = None
     cancel_requested_at: datetime | None = None
     """A user asked this running job to stop; its worker stops it and marks it cancelled."""
+    progress: dict[str, Any] | None = None
+    """What the task last reported: ``{"fraction": 0.0-1.0, "message": str | None, "at": ISO time}``."""
     result: Any = None
     error: JobError | None = None
     history: tuple[AttemptRecord, ...] = ()
@@ -187,6 +189,7 @@ class Job:
             "attempted_at": iso(self.attempted_at),
             "finished_at": iso(self.finished_at),
             "cancel_requested_at": iso(self.cancel_requested_at),
+            "progress": self.progress,
             "lease_owner": self.lease_owner,
             "lease_expires_at": iso(self.lease_expires_at),
             "result": self.result,

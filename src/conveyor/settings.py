@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     """Finished jobs older than this are pruned by workers; 0 keeps them forever."""
     cancel_check_seconds: float = Field(default=0.5, gt=0, le=60)
     """How often a worker asks whether any of its running jobs was cancelled."""
+    progress_write_seconds: float = Field(default=1.0, gt=0, le=3_600)
+    """How often a worker writes the latest progress its running tasks reported (rate-limits writes)."""
     cancel_grace_seconds: float = Field(default=5.0, ge=0, le=3_600)
     """How long a cancelled sync or CPU task may take to notice before it is abandoned or killed."""
     prune_interval_seconds: float = Field(default=3_600, gt=0)

@@ -101,6 +101,9 @@ class JobPublic(Strict):
     cancel_requested_at: datetime | None = Field(
         default=None, description="When a cancel was asked of this running job; its worker is stopping it."
     )
+    progress: dict[str, Any] | None = Field(
+        default=None, description='What the task last reported: {"fraction", "message", "at"}.'
+    )
     result: Any = Field(default=None, description="The task's return value, once succeeded.")
     error: JobErrorPublic | None = Field(default=None, description="The latest attempt's error.")
     correlation_id: str | None
@@ -126,6 +129,7 @@ class JobPublic(Strict):
             started_at=job.attempted_at,
             finished_at=job.finished_at,
             cancel_requested_at=job.cancel_requested_at,
+            progress=job.progress,
             result=job.result,
             error=JobErrorPublic.of(job.error),
             correlation_id=job.correlation_id,

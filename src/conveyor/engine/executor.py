@@ -57,7 +57,12 @@ class Executor:
         self._clock = clock
         self._http = http
 
-    async def execute(self, job: Job, cancel_event: threading.Event | None = None) -> Ack:
+    async def execute(
+        self,
+        job: Job,
+        cancel_event: threading.Event | None = None,
+        progress_sink: Callable[[float, str | None], None] | None = None,
+    ) -> Ack:
         """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back.
 
         While it runs, the job's correlation id, identity and trace are current: every log line
@@ -72,19 +77,24 @@ class Executor:
         ):
             if self._http is not None:
                 outgoing.use_client(self._http)
-            ack = await self._attempt(job, cancel_event)
+            ack = await self._attempt(job, cancel_event, progress_sink)
             if ack.error is not None:
                 tracing.mark_failed(span, ack.error.type, ack.error.message)
             return ack
 
-    async def _attempt(self, job: Job, cancel_event: threading.Event | None) -> Ack:
+    async def _attempt(
+        self,
+        job: Job,
+        cancel_event: threading.Event | None,
+        progress_sink: Callable[[float, str | None], None] | None,
+    ) -> Ack:
         started_at = self._clock()
         started = time.perf_counter()
         self._events.emit(JobEvent(EventName.STARTED, job, self._worker_id))
         task: Task[..., Any] | None = None
         try:
             task = self._tasks(job.task)
-            result = await self._call(task, job, cancel_event)
+            result = await self._call(task, job, cancel_event, progress_sink)
             try:
                 stored = to_jsonable_python(result)
             except PydanticSerializationError as exc:
@@ -115,7 +125,13 @@ class Executor:
             result=stored,
         )
 
-    async def _call(self, task: Task[..., Any], job: Job, cancel_event: threading.Event | None) -> Any:
+    async def _call(
+        self,
+        task: Task[..., Any],
+        job: Job,
+        cancel_event: threading.Event | None,
+        progress_sink: Callable[[float, str | None], None] | None,
+    ) -> Any:
         context = JobContext(
             job_id=job.id,
             task=job.task,
@@ -124,6 +140,7 @@ class Executor:
             max_attempts=job.max_attempts,
             correlation_id=job.correlation_id,
             cancel_event=cancel_event,
+            progress_sink=progress_sink,
         )
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
@@ -140,7 +157,7 @@ class Executor:
         if task.options.cpu:
             # Cancelled at the deadline, the pool kills the attempt's process.
             # The child gets no cancel event (it cannot cross processes); a cancel kills the process.
-            plain = dataclasses.replace(context, cancel_event=None)
+            plain = dataclasses.replace(context, cancel_event=None, progress_sink=None)
             return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, plain, None)
         args, kwargs = task.from_json_arguments(job.args, job.kwargs)
         if task.context_parameter:

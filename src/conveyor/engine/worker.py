@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -52,6 +52,12 @@ class _Running:
     lease_lost: bool = False
     cancel_requested: bool = False
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    progress: dict[str, Any] | None = None
+    progress_written: dict[str, Any] | None = None
+
+    def report(self, fraction: float, message: str | None) -> None:
+        """Called from the task (its thread, or the loop): only keeps the latest report."""
+        self.progress = {"fraction": fraction, "message": message, "at": datetime.now(UTC).isoformat()}
 
 
 @dataclass(slots=True)
@@ -156,12 +162,14 @@ class Worker:
             tasks=sorted(self.app.tasks),
         )
         self.started.set()
+        loops = {
+            "heartbeat": (self.settings.heartbeat_interval, self._heartbeat),
+            "rescuer": (self.settings.rescue_interval, self._rescue),
+            "canceller": (self.settings.cancel_check_seconds, self._check_cancels),
+            "progress": (self.settings.progress_write_seconds, self._write_progress),
+        }
         background = [
-            asyncio.create_task(self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat, store)),
-            asyncio.create_task(self._loop("rescuer", self.settings.rescue_interval, self._rescue, store)),
-            asyncio.create_task(
-                self._loop("canceller", self.settings.cancel_check_seconds, self._check_cancels, store)
-            ),
+            asyncio.create_task(self._loop(name, interval, step, store)) for name, (interval, step) in loops.items()
         ]
         if self.settings.retention_seconds > 0:
             background.append(
@@ -237,7 +245,7 @@ class Worker:
         assert self._ack_ready is not None
         try:
             # Await first, then append: `self._acks` is swapped out by the acker meanwhile.
-            ack = await executor.execute(running.job, running.cancel_event)
+            ack = await executor.execute(running.job, running.cancel_event, running.report)
             if running.cancel_requested:
                 # The task noticed the cancel and returned: the job still ends cancelled.
                 ack = executor.cancelled(running.job, running.started_at)
@@ -354,6 +362,16 @@ class Worker:
             logger.warning("worker.lease_lost", job_id=job_id, task=running.job.task)
             running.lease_lost = True
             running.task.cancel()
+
+    async def _write_progress(self, store: Store) -> None:
+        """Write the latest progress of running jobs that reported since the last write: one batch."""
+        reports = {}
+        for job_id, running in list(self._running.items()):
+            latest = running.progress
+            if latest is not None and latest is not running.progress_written:
+                reports[job_id] = (running.job.lease_owner or "", latest)
+                running.progress_written = latest
+        await store.record_progress(reports, now=self._clock())
 
     async def _check_cancels(self, store: Store) -> None:
         """Stop running jobs a user cancelled: async ones at once, others after a grace period."""

@@ -159,7 +159,7 @@ _INSERT_COLUMNS = (
     "updated_at",
 )
 _JSON_COLUMNS = {"args", "kwargs", "history", "trace_context"}
-_ALL_JSON = {*_JSON_COLUMNS, "result", "error", "trace_context"}
+_ALL_JSON = {*_JSON_COLUMNS, "result", "error", "trace_context", "progress"}
 
 
 def _insert_sql() -> str:
@@ -208,6 +208,7 @@ _ALL_COLUMNS = (
     "attempted_at",
     "finished_at",
     "cancel_requested_at",
+    "progress",
     "result",
     "error",
 )

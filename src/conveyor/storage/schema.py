@@ -89,6 +89,7 @@ jobs = sa.Table(
     sa.Column("attempted_at", UTCDateTime, nullable=True),
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.Column("cancel_requested_at", UTCDateTime, nullable=True),
+    sa.Column("progress", JSONType, nullable=True),
     sa.Column("result", JSONType, nullable=True),
     sa.Column("error", JSONType, nullable=True),
     sa.Column("history", JSONType, nullable=False),

@@ -130,6 +130,7 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
         attempted_at=row["attempted_at"],
         finished_at=row["finished_at"],
         cancel_requested_at=row["cancel_requested_at"],
+        progress=row["progress"],
         result=row["result"],
         error=JobError.from_json(row["error"]),
         history=tuple(AttemptRecord.from_json(entry) for entry in row["history"] or ()),
@@ -296,6 +297,7 @@ class SqlStore:
             "attempted_at": None,
             "finished_at": None,
             "cancel_requested_at": None,
+            "progress": None,
             "result": None,
             "error": None,
             "history": [],
@@ -694,6 +696,24 @@ class SqlStore:
             "cancel",
             allowed=(*CANCELLABLE_STATES, JobState.RUNNING),
         )
+
+    @_guarded
+    async def record_progress(self, reports: Mapping[str, tuple[str, dict[str, Any]]], *, now: datetime) -> None:
+        """Store progress (job id -> (lease owner, report)) for jobs still running under that lease."""
+        if not reports:
+            return
+        change = (
+            sa.update(jobs)
+            .where(
+                jobs.c.id == sa.bindparam("b_id"),
+                jobs.c.state == JobState.RUNNING.value,
+                jobs.c.lease_owner == sa.bindparam("b_owner"),
+            )
+            .values(progress=sa.bindparam("b_progress", type_=JSONType), updated_at=now)
+        )
+        rows = [{"b_id": job_id, "b_owner": owner, "b_progress": report} for job_id, (owner, report) in reports.items()]
+        async with self._writing() as conn:
+            await conn.execute(change, rows)
 
     @_guarded
     async def cancel_requested_among(self, job_ids: Sequence[str]) -> set[str]:
