@@ -70,6 +70,7 @@ class Conveyor:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | timedelta | None = None,
         cpu: bool = False,
+        unique_key: Callable[..., str] | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -85,12 +86,15 @@ class Conveyor:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | timedelta | None = None,
         cpu: bool = False,
+        unique_key: Callable[..., str] | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task: ``async def`` runs on the event loop, plain ``def`` in a
         thread, and ``cpu=True`` in a process pool.
 
         ``retry_on`` limits which exceptions are retried (``PermanentError`` never is);
-        ``backoff`` maps the failed attempt's number to seconds before the next.
+        ``backoff`` maps the failed attempt's number to seconds before the next;
+        ``unique_key`` maps the job's arguments to a key: while a job with that key is
+        unfinished, enqueueing another returns that job instead of adding one.
         """
         timeout_seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         retry_types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
@@ -120,6 +124,7 @@ class Conveyor:
                 backoff=backoff,
                 retry_on=retry_types,
                 cpu=cpu,
+                unique_key=unique_key,
             )
             registered = Task(self, function, str(task_name), options)
             self._tasks[registered.name] = registered
@@ -193,6 +198,11 @@ class Conveyor:
                 correlation_id=options.correlation_id,
             )
         )
+        unique_key = options.unique_key
+        if unique_key is None and task.options.unique_key is not None and not problems:
+            unique_key = str(task.options.unique_key(*args, **kwargs))
+        if unique_key is not None and not 0 < len(unique_key) <= MAX_NAME_LENGTH:
+            problems.append(f"unique_key must be 1 to {MAX_NAME_LENGTH} characters")
         if problems:
             raise TaskArgumentsError(f"cannot enqueue task {task.name!r}", problems)
         run_at = options.run_at
@@ -208,6 +218,7 @@ class Conveyor:
             run_at=run_at,
             timeout_seconds=timeout if timeout is not None else task.options.timeout,
             idempotency_key=options.idempotency_key,
+            unique_key=unique_key,
             # A job enqueued while handling a request, or by another job, carries its correlation id.
             correlation_id=options.correlation_id or current_correlation_id(),
         )

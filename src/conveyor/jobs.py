@@ -118,6 +118,8 @@ class NewJob:
     idempotency_key: str | None = None
     request_digest: str | None = None
     """Fingerprint of the request that carried ``idempotency_key`` (the HTTP API sets it)."""
+    unique_key: str | None = None
+    """At most one unfinished job per key: enqueueing again returns the unfinished one."""
     trace_context: dict[str, str] | None = None
     """W3C trace headers of the enqueue, so attempts join its trace."""
     correlation_id: str | None = None
@@ -157,6 +159,7 @@ class Job:
     """Every finished attempt, oldest first. A running attempt is not in it yet."""
     idempotency_key: str | None = None
     request_digest: str | None = None
+    unique_key: str | None = None
     trace_context: dict[str, str] | None = None
     correlation_id: str | None = None
     parent_id: str | None = None
@@ -196,6 +199,7 @@ class Job:
             "error": self.error.to_json() if self.error else None,
             "history": [record.to_json() for record in self.history],
             "idempotency_key": self.idempotency_key,
+            "unique_key": self.unique_key,
             "correlation_id": self.correlation_id,
             "workflow_id": self.workflow_id,
             "parent_id": self.parent_id,

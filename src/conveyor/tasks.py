@@ -39,6 +39,8 @@ class TaskOptions:
     backoff: BackoffFunction = DEFAULT_BACKOFF
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     cpu: bool = False
+    unique_key: Callable[..., str] | None = None
+    """Called with the job's arguments; jobs with the same key run one at a time (see unique_key below)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class EnqueueOptions:
     timeout: float | timedelta | None = None
     idempotency_key: str | None = None
     correlation_id: str | None = None
+    unique_key: str | None = None
+    """While a job with this key is unfinished, enqueueing another returns that job instead."""
 
 
 def _problems_from(error: ValidationError, where: str) -> list[str]:

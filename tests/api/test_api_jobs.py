@@ -276,3 +276,12 @@ async def test_cancelling_a_running_job_answers_202_and_the_job_ends_cancelled(
     assert asked.json()["state"] == "running"
     assert asked.json()["cancel_requested_at"] is not None
     assert final["state"] == "cancelled"
+
+
+async def test_a_unique_key_over_http_returns_the_unfinished_job(make_conveyor: Callable[..., Conveyor]) -> None:
+    conveyor = make_conveyor()
+    async with serve(conveyor, run_worker=False) as api:
+        first = await api.client.post("/jobs", json={"task": "add", "args": [1, 2], "unique_key": "sum:1:2"})
+        again = await api.client.post("/jobs", json={"task": "add", "args": [1, 2], "unique_key": "sum:1:2"})
+    assert first.json()["id"] == again.json()["id"]
+    assert again.json()["unique_key"] == "sum:1:2"

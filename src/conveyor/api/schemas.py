@@ -37,6 +37,9 @@ class JobCreate(Strict):
     run_at: AwareDatetime | None = Field(default=None, description="Run no sooner than this time (with a zone).")
     max_attempts: int | None = Field(default=None, ge=1, le=1_000)
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 86_400)
+    unique_key: Name | None = Field(
+        default=None, description="While a job with this key is unfinished, submitting another returns that job."
+    )
 
     @model_validator(mode="after")
     def _one_schedule(self) -> JobCreate:
@@ -108,6 +111,7 @@ class JobPublic(Strict):
     error: JobErrorPublic | None = Field(default=None, description="The latest attempt's error.")
     correlation_id: str | None
     idempotency_key: str | None
+    unique_key: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
@@ -134,6 +138,7 @@ class JobPublic(Strict):
             error=JobErrorPublic.of(job.error),
             correlation_id=job.correlation_id,
             idempotency_key=key,
+            unique_key=job.unique_key,
         )
 
 

@@ -151,6 +151,7 @@ _INSERT_COLUMNS = (
     "history",
     "idempotency_key",
     "request_digest",
+    "unique_key",
     "trace_context",
     "correlation_id",
     "workflow_id",
@@ -179,7 +180,7 @@ _INSERT_SQL = _insert_sql()
 async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Insert job rows on the caller's asyncpg connection, inside whatever transaction it has open.
 
-    Returns the stored rows of jobs whose idempotency key already existed.
+    Returns the stored rows of jobs holding the batch's idempotency keys or (unfinished) unique keys.
     """
     records = [
         tuple(_json_text(row[column]) if column in _JSON_COLUMNS else _plain(row[column]) for column in _INSERT_COLUMNS)
@@ -190,11 +191,12 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
     if queues:
         await connection.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, queues)
     keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
-    if not keys:
+    unique_keys = [row["unique_key"] for row in rows if row["unique_key"] is not None]
+    if not keys and not unique_keys:
         return []
     # JSON columns come back as text whatever codecs the connection has (SQLAlchemy's decode
     # jsonb, a bare asyncpg connection does not), and are decoded here, once.
-    found = await connection.fetch(_EXISTING_SQL, keys)
+    found = await connection.fetch(_EXISTING_SQL, keys, unique_keys)
     return [
         {name: loads(value) if name in _ALL_JSON and value is not None else value for name, value in record.items()}
         for record in found
@@ -216,6 +218,7 @@ _EXISTING_SQL = (
     "SELECT "  # noqa: S608 - constant column names
     + ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
     + " FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])"
+    " OR (unique_key = ANY($2::text[]) AND state IN ('scheduled', 'queued', 'running', 'retrying'))"
 )
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 
-from conveyor.jobs import RUNNABLE_STATES, JobState
+from conveyor.jobs import FINISHED_STATES, RUNNABLE_STATES, JobState
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -96,6 +96,7 @@ jobs = sa.Table(
     sa.Column("idempotency_key", sa.String(255), nullable=True),
     # A digest of the request that used the idempotency key, to tell a replay from a misuse.
     sa.Column("request_digest", sa.String(64), nullable=True),
+    sa.Column("unique_key", sa.String(255), nullable=True),
     sa.Column("trace_context", JSONType, nullable=True),
     sa.Column("correlation_id", sa.String(255), nullable=True),
     # Room for workflows: a job may belong to one and hang below a parent job.
@@ -131,6 +132,15 @@ sa.Index(
     postgresql_where=jobs.c.finished_at.is_not(None),
 )
 sa.Index("ix_conveyor_jobs_state_queue", jobs.c.state, jobs.c.queue)
+# One unfinished job per unique key: a second enqueue while the first has not finished gets it back.
+_unfinished = [state.value for state in JobState if state not in FINISHED_STATES]
+sa.Index(
+    "uq_conveyor_jobs_unique_key_unfinished",
+    jobs.c.unique_key,
+    unique=True,
+    sqlite_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
+    postgresql_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
+)
 sa.Index("ix_conveyor_jobs_workflow_id", jobs.c.workflow_id)
 
 tokens = sa.Table(

@@ -136,6 +136,7 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
         history=tuple(AttemptRecord.from_json(entry) for entry in row["history"] or ()),
         idempotency_key=row["idempotency_key"],
         request_digest=row["request_digest"],
+        unique_key=row["unique_key"],
         trace_context=row["trace_context"],
         correlation_id=row["correlation_id"],
         parent_id=row["parent_id"],
@@ -239,8 +240,7 @@ class SqlStore:
 
             if postgres.is_asyncpg_connection(connection):
                 existing = await postgres.insert_on_asyncpg(connection, rows)
-                by_key = {row["idempotency_key"]: _row_to_job(row) for row in existing}
-                return self._inserted(new_jobs, rows, by_key)
+                return self._inserted(new_jobs, rows, [_row_to_job(row) for row in existing])
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
         if connection is None and self.dialect == "postgresql":
@@ -253,26 +253,35 @@ class SqlStore:
                 existing = await postgres.insert_on_asyncpg(raw.driver_connection, rows)
             if runnable_queues:
                 self._work_added.set()
-            return self._inserted(new_jobs, rows, {row["idempotency_key"]: _row_to_job(row) for row in existing})
+            return self._inserted(new_jobs, rows, [_row_to_job(row) for row in existing])
         async with self._writing(connection) as conn:
             # Duplicates are skipped, not errors: a retried insert whose first commit landed
             # must not fail, and a repeated idempotency key returns the first job.
             await conn.execute(dialects.insert_ignoring_duplicates(jobs, self.dialect), rows)
-            by_key = {}
-            if keys:
-                found = await conn.execute(sa.select(jobs).where(jobs.c.idempotency_key.in_(keys)))
-                by_key = {row["idempotency_key"]: _row_to_job(row) for row in found.mappings()}
+            existing: list[Job] = []
+            unique_keys = [new.unique_key for new in new_jobs if new.unique_key is not None]
+            if keys or unique_keys:
+                holders = sa.or_(
+                    jobs.c.idempotency_key.in_(keys),
+                    sa.and_(jobs.c.unique_key.in_(unique_keys), jobs.c.state.notin_(_FINISHED)),
+                )
+                found = await conn.execute(sa.select(jobs).where(holders))
+                existing = [_row_to_job(row) for row in found.mappings()]
             from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
 
             await self._notify(conn, JOBS_CHANNEL, runnable_queues)
         if connection is None and runnable_queues:
             self._work_added.set()
-        return self._inserted(new_jobs, rows, by_key)
+        return self._inserted(new_jobs, rows, existing)
 
     @staticmethod
-    def _inserted(new_jobs: Sequence[NewJob], rows: Sequence[dict[str, Any]], by_key: Mapping[str, Job]) -> list[Job]:
+    def _inserted(new_jobs: Sequence[NewJob], rows: Sequence[dict[str, Any]], existing: Sequence[Job]) -> list[Job]:
+        """Each new job as stored: itself, or the job already holding its idempotency or unique key."""
+        by_idempotency = {job.idempotency_key: job for job in existing if job.idempotency_key}
+        by_unique = {job.unique_key: job for job in existing if job.unique_key and not job.finished}
         return [
-            by_key.get(new.idempotency_key or "") or _row_to_job(row) for new, row in zip(new_jobs, rows, strict=True)
+            by_idempotency.get(new.idempotency_key or "") or by_unique.get(new.unique_key or "") or _row_to_job(row)
+            for new, row in zip(new_jobs, rows, strict=True)
         ]
 
     @staticmethod
@@ -303,6 +312,7 @@ class SqlStore:
             "history": [],
             "idempotency_key": new.idempotency_key,
             "request_digest": new.request_digest,
+            "unique_key": new.unique_key,
             "trace_context": new.trace_context,
             "correlation_id": new.correlation_id,
             "workflow_id": new.workflow_id,

@@ -58,6 +58,7 @@ def _build(conveyor: Conveyor, body: JobCreate, principal: Principal, key: str |
         run_at=body.run_at,
         max_attempts=body.max_attempts,
         timeout=body.timeout_seconds,
+        unique_key=body.unique_key,
         # Keys are scoped to the caller, so two clients never collide on the same key.
         idempotency_key=f"{principal.id}:{key}" if key else None,
         correlation_id=current_correlation_id(),
