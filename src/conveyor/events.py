@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from conveyor.jobs import Job, JobError
+from conveyor.log import enabled_for, log_hot
 
 logger = structlog.get_logger("conveyor.worker")
 
@@ -69,13 +69,9 @@ _LEVELS = {
 }
 
 
-_STDLIB_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_stdlib_logger = logging.getLogger("conveyor.worker")
-
-
 def log_event(event: JobEvent) -> None:
     level = _LEVELS[event.name]
-    if not _stdlib_logger.isEnabledFor(_STDLIB_LEVELS[level]):
+    if not enabled_for(level):
         # Below the level (a job.started at INFO): skip building the line at all.
         return
     fields: dict[str, object] = {
@@ -94,4 +90,4 @@ def log_event(event: JobEvent) -> None:
         fields["error"] = event.error.message
     if event.retry_in is not None:
         fields["retry_in_s"] = round(event.retry_in, 3)
-    getattr(logger, level)(event.name.value, **fields)
+    log_hot("conveyor.worker", level, event.name.value, fields)

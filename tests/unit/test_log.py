@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 import structlog
 
-from conveyor.log import ShortNameFilter, configure_logging
+from conveyor import log
+from conveyor.log import ShortNameFilter, configure_logging, log_hot
 from conveyor.settings import Settings
 
 _NOISY = ("sqlalchemy", "aiosqlite", "alembic", "asyncio")
@@ -29,8 +31,10 @@ class Capture(logging.Handler):
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """configure_logging changes process-wide state: put it back after the test."""
+    for name in ("_threshold", "_json_writer"):
+        monkeypatch.setattr(log, name, getattr(log, name))  # restored at teardown
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     noisy_levels = {name: logging.getLogger(name).level for name in _NOISY}
@@ -134,3 +138,105 @@ def test_configuring_again_replaces_the_handler_instead_of_adding_one() -> None:
 
     assert first.getvalue() == ""
     assert [line["event"] for line in json_lines(second)] == ["once"]
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts how often it is flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_hot_line_has_the_keys_and_values_of_the_structlog_line_for_the_same_event() -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=stream)
+    fields = {"job_id": "abc", "task": "noop", "attempt": 2, "duration_ms": 0.5}
+
+    structlog.get_logger("conveyor.worker").info("job.succeeded", **fields)
+    log_hot("conveyor.worker", "info", "job.succeeded", fields)
+
+    slow, hot = json_lines(stream)
+    assert slow.pop("timestamp").endswith("Z")
+    assert hot.pop("timestamp").endswith("Z")
+    assert hot == slow
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_hot_lines_respect_the_level() -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json", log_level="WARNING"), stream=stream)
+
+    log_hot("conveyor.worker", "info", "job.succeeded", {})
+    log_hot("conveyor.worker", "error", "job.dead", {"job_id": "abc"})
+
+    assert [line["event"] for line in json_lines(stream)] == ["job.dead"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_hot_lines_go_through_structlog_when_the_pipeline_is_not_json() -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="console"), stream=stream)
+
+    log_hot("conveyor.worker", "info", "job.succeeded", {"job_id": "abc"})
+
+    assert "job.succeeded" in stream.getvalue()
+    assert "job_id=abc" in stream.getvalue()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_lines_written_on_an_event_loop_are_flushed_once_at_the_end_of_the_iteration() -> None:
+    stream = CountingStream()
+    configure_logging(Settings(log_format="json"), stream=stream)
+
+    async def burst() -> int:
+        for number in range(10):
+            log_hot("conveyor.worker", "info", "job.succeeded", {"n": number})
+        flushes_during_the_burst = stream.flushes
+        await asyncio.sleep(0)  # lets the loop finish the iteration
+        return flushes_during_the_burst
+
+    assert asyncio.run(burst()) == 0
+    assert stream.flushes == 1
+    assert [line["n"] for line in json_lines(stream)] == list(range(10))
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_off_a_loop_each_line_is_flushed_at_once() -> None:
+    stream = CountingStream()
+    configure_logging(Settings(log_format="json"), stream=stream)
+
+    structlog.get_logger("conveyor.test").info("one")
+    structlog.get_logger("conveyor.test").info("two")
+
+    assert stream.flushes == 2
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_loop_closed_before_its_flush_ran_does_not_hold_back_later_lines() -> None:
+    stream = CountingStream()
+    configure_logging(Settings(log_format="json"), stream=stream)
+    abandoned = asyncio.new_event_loop()
+
+    def write_then_stop() -> None:
+        log_hot("conveyor.worker", "info", "job.succeeded", {"n": 1})
+        abandoned.stop()  # the loop ends this iteration; the flush scheduled for the next never runs
+
+    abandoned.call_soon(write_then_stop)
+    abandoned.run_forever()
+    abandoned.close()
+    assert stream.flushes == 0
+
+    async def write_and_yield() -> None:
+        log_hot("conveyor.worker", "info", "job.succeeded", {"n": 2})
+        await asyncio.sleep(0)
+
+    asyncio.run(write_and_yield())
+
+    assert stream.flushes == 1
+    assert [line["n"] for line in json_lines(stream)] == [1, 2]
