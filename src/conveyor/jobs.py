@@ -24,12 +24,15 @@ class JobState(enum.StrEnum):
     DEAD = "dead"
     """Out of attempts or failed permanently: the dead-letter queue. A replay queues it again."""
     CANCELLED = "cancelled"
-    """Stopped by a user before it finished. A replay queues it again."""
+    """Stopped by a user before it finished, or a workflow step whose dependency failed.
+    A replay queues it again (for a workflow step: replaying the failed dependency does)."""
+    WAITING = "waiting"
+    """A workflow step waiting for the jobs it depends on; the ack of the last one queues it."""
 
 
 RUNNABLE_STATES = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING)
 FINISHED_STATES = (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
-CANCELLABLE_STATES = RUNNABLE_STATES
+CANCELLABLE_STATES = (*RUNNABLE_STATES, JobState.WAITING)
 REPLAYABLE_STATES = (JobState.DEAD, JobState.CANCELLED)
 
 
@@ -125,6 +128,10 @@ class NewJob:
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None
+    waiting_on: int = 0
+    """How many jobs of its workflow must succeed before this one is queued."""
+    input_template: Any = None
+    """Where the job's first argument comes from once they have (see ``conveyor.workflows``)."""
     id: str = field(default_factory=new_job_id)
 
 
@@ -164,6 +171,8 @@ class Job:
     correlation_id: str | None = None
     parent_id: str | None = None
     workflow_id: str | None = None
+    waiting_on: int = 0
+    """For a ``waiting`` workflow step: how many of the jobs it depends on have yet to succeed."""
 
     @property
     def finished(self) -> bool:
@@ -202,6 +211,7 @@ class Job:
             "unique_key": self.unique_key,
             "correlation_id": self.correlation_id,
             "workflow_id": self.workflow_id,
+            "waiting_on": self.waiting_on,
             "parent_id": self.parent_id,
         }
 
@@ -224,6 +234,8 @@ class Ack:
     """When the next attempt is due (for ``retrying`` and ``queued``)."""
     attempt_delta: int = 0
     """-1 hands the attempt back (shutdown); 0 otherwise."""
+    workflow_id: str | None = None
+    """Set for a workflow step: its ack also moves the workflow on, in the same transaction."""
 
 
 @dataclass(frozen=True, slots=True)

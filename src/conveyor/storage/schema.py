@@ -102,6 +102,10 @@ jobs = sa.Table(
     # Room for workflows: a job may belong to one and hang below a parent job.
     sa.Column("workflow_id", sa.String(36), nullable=True),
     sa.Column("parent_id", sa.String(36), nullable=True),
+    # A waiting workflow step: how many dependencies have yet to succeed, and how its first
+    # argument is built from their results (see conveyor.workflows).
+    sa.Column("waiting_on", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("input_template", JSONType, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.CheckConstraint("state IN (" + ", ".join(f"'{state.value}'" for state in JobState) + ")", name="state"),
@@ -142,6 +146,28 @@ sa.Index(
     postgresql_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
 )
 sa.Index("ix_conveyor_jobs_workflow_id", jobs.c.workflow_id)
+
+workflows = sa.Table(
+    "conveyor_workflows",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=True),
+    # The workflow's tree with each step's job id, and the template of its result.
+    sa.Column("structure", JSONType, nullable=False),
+    sa.Column("output", JSONType, nullable=False),
+    sa.Column("correlation_id", sa.String(255), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+sa.Index("ix_conveyor_workflows_created_at", workflows.c.created_at)
+
+# An edge per (job, job it waits for): found from the finished job at ack time, both ways on replay.
+job_dependencies = sa.Table(
+    "conveyor_job_dependencies",
+    metadata,
+    sa.Column("dependency_id", sa.String(36), primary_key=True),
+    sa.Column("dependent_id", sa.String(36), primary_key=True),
+)
+sa.Index("ix_conveyor_job_dependencies_dependent_id", job_dependencies.c.dependent_id)
 
 tokens = sa.Table(
     "conveyor_tokens",
