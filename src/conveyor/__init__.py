@@ -15,18 +15,23 @@ from conveyor.errors import (
     TaskArgumentsError,
     TaskError,
     UnknownTaskError,
+    WorkflowNotFoundError,
 )
 from conveyor.jobs import AttemptRecord, Job, JobError, JobState, Outcome, Page
 from conveyor.settings import Settings
 from conveyor.tasks import Task
+from conveyor.workflows import Chain, Chord, Group, Step, Workflow, WorkflowState, chain, chord, group
 
 __all__ = [
     "CONTEXT",
     "AttemptRecord",
+    "Chain",
+    "Chord",
     "ConfigError",
     "Conveyor",
     "ConveyorError",
     "Exponential",
+    "Group",
     "Job",
     "JobContext",
     "JobError",
@@ -38,11 +43,18 @@ __all__ = [
     "PermanentError",
     "SchemaError",
     "Settings",
+    "Step",
     "StorageError",
     "Task",
     "TaskArgumentsError",
     "TaskError",
     "UnknownTaskError",
     "Worker",
+    "Workflow",
+    "WorkflowNotFoundError",
+    "WorkflowState",
+    "chain",
+    "chord",
     "constant",
+    "group",
 ]

@@ -15,12 +15,13 @@ from opentelemetry.trace import SpanKind
 from conveyor import tracing
 from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
 from conveyor.correlation import current_correlation_id
-from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError
+from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError, WorkflowNotFoundError
 from conveyor.jobs import Job, JobFilter, JobState, NewJob, Page, QueueStats
 from conveyor.metrics import Metrics
 from conveyor.settings import Settings, load_settings
 from conveyor.storage import Store, open_store
 from conveyor.tasks import EnqueueOptions, Task, TaskOptions
+from conveyor.workflows import Node, Step, Workflow, compile_workflow
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -176,12 +177,21 @@ class Conveyor:
     # -- enqueueing ---------------------------------------------------------------------
 
     def new_job(
-        self, task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], options: EnqueueOptions
+        self,
+        task: Task[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: EnqueueOptions,
+        *,
+        takes_input: bool = False,
     ) -> NewJob:
-        """Check a job against its task and return it ready to store; raise with every problem."""
+        """Check a job against its task and return it ready to store; raise with every problem.
+
+        ``takes_input``: a workflow step whose first argument is the result of what it follows.
+        """
         problems: list[str] = []
         try:
-            json_args, json_kwargs = task.to_json_arguments(args, kwargs)
+            json_args, json_kwargs = task.to_json_arguments(args, kwargs, takes_input=takes_input)
         except TaskArgumentsError as exc:
             problems.extend(exc.problems)
             json_args, json_kwargs = [], {}
@@ -241,6 +251,59 @@ class Conveyor:
         found = task if isinstance(task, Task) else self.get_task(task)
         new = self.new_job(found, args, kwargs or {}, EnqueueOptions(**options))
         return await self.enqueue_new(new, connection=connection)
+
+    async def enqueue_workflow(self, workflow: Node, *, name: str | None = None, connection: Any = None) -> Workflow:
+        """Store a workflow (``chain``, ``group``, ``chord``, or one ``task.step``) in one transaction.
+
+        Every step is checked first, and every problem reported at once; nothing is stored
+        unless all are fine. Steps that follow others wait; the rest are queued at once.
+        """
+        if name is not None and not 0 < len(name) <= MAX_NAME_LENGTH:
+            raise TaskArgumentsError("cannot enqueue the workflow", [f"name must be 1 to {MAX_NAME_LENGTH} characters"])
+
+        def check_step(step: Step, *, takes_input: bool) -> NewJob:
+            options = step.options or EnqueueOptions()
+            if options.unique_key is not None or options.idempotency_key is not None:
+                raise TaskArgumentsError(
+                    "bad step", ["unique_key and idempotency_key apply to single jobs, not workflow steps"]
+                )
+            return self.new_job(step.task, step.args, step.kwargs, options, takes_input=takes_input)
+
+        compiled = compile_workflow(workflow, new_job=check_step, correlation_id=current_correlation_id())
+        for new in compiled.jobs:
+            self.get_task(new.task)
+        store = await self.store()
+        with tracing.tracer().start_as_current_span("enqueue workflow", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.system", "conveyor")
+            span.set_attribute("messaging.batch.message_count", len(compiled.jobs))
+            carrier = tracing.current_context_carrier()
+            if carrier:
+                compiled.jobs = [dataclasses.replace(new, trace_context=carrier) for new in compiled.jobs]
+            stored = await store.insert_workflow(compiled, name=name, now=self.clock(), connection=connection)
+        if self.settings.metrics_enabled:
+            for job in stored.jobs:
+                self.metrics.enqueued.labels(job.queue, job.task).inc()
+        return stored
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        workflow = await (await self.store()).get_workflow(workflow_id)
+        if workflow is None:
+            raise WorkflowNotFoundError(workflow_id)
+        return workflow
+
+    async def wait_for_workflow(
+        self, workflow_id: str, *, timeout: float | None = None, poll: float = 0.05
+    ) -> Workflow:
+        """The workflow once every job of it has finished, or as it is when ``timeout`` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            workflow = await self.get_workflow(workflow_id)
+            if workflow.finished or (deadline is not None and loop.time() >= deadline):
+                return workflow
+            pause = poll if deadline is None else min(poll, max(deadline - loop.time(), 0))
+            await asyncio.sleep(pause)
+            poll = min(poll * 1.5, 1.0)
 
     async def enqueue_many(self, jobs: Iterable[NewJob], *, connection: Any = None) -> list[Job]:
         """Store many checked jobs (from ``task.job(...)``) in one transaction."""

@@ -8,6 +8,7 @@
     ├── StorageError           the database failed; the driver's error is its __cause__
     │   └── SchemaError        the schema is missing, behind, or newer than this Conveyor
     ├── JobNotFoundError       no job has that id
+    ├── WorkflowNotFoundError  no workflow has that id
     └── JobStateError          the job's state does not allow the operation (a conflict)
 
     PermanentError             raised by a task: fail this job now, without retrying
@@ -68,14 +69,24 @@ class JobNotFoundError(ConveyorError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class WorkflowNotFoundError(ConveyorError):
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"no workflow with id {workflow_id!r}")
+
+
 class JobStateError(ConveyorError):
     """The job exists, but its current state does not allow the operation."""
 
-    def __init__(self, job_id: str, state: str, operation: str, allowed: Sequence[str]) -> None:
+    def __init__(
+        self, job_id: str, state: str, operation: str, allowed: Sequence[str], *, reason: str | None = None
+    ) -> None:
         self.job_id = job_id
         self.state = state
         self.operation = operation
-        super().__init__(f"cannot {operation} job {job_id!r}: it is {state}; only {', '.join(allowed)} jobs can be")
+        super().__init__(
+            f"cannot {operation} job {job_id!r}: " + (reason or f"it is {state}; only {', '.join(allowed)} jobs can be")
+        )
 
 
 class PermanentError(Exception):

@@ -16,6 +16,7 @@ from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
 from conveyor.context import JobContext
 from conveyor.errors import PermanentError, TaskArgumentsError
 from conveyor.jobs import Job, NewJob
+from conveyor.workflows import Step
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -24,6 +25,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+class _Input:
+    """Stands for a workflow step's input (the result it receives) while its own arguments are checked."""
+
+    def __repr__(self) -> str:
+        return "<the previous step's result>"
+
+
+_INPUT = _Input()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +172,9 @@ class Task(Generic[P, R]):
             converted: dict[Any, Any] = {}
             for key, item in items:
                 where = name if key is None else f"{name}[{key!r}]"
+                if item is _INPUT:
+                    converted[key] = item  # checked when the worker revives it, once it exists
+                    continue
                 try:
                     typed = adapter.validate_python(item)
                     converted[key] = adapter.dump_python(typed, mode="json") if to_json else typed
@@ -215,9 +229,23 @@ class Task(Generic[P, R]):
                 problems.append(f"missing required argument {parameter.name!r}")
         return problems
 
-    def to_json_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Check arguments against the signature and annotations; return them as JSON values."""
-        return self._convert(args, kwargs, to_json=True)
+    def to_json_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, takes_input: bool = False
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Check arguments against the signature and annotations; return them as JSON values.
+
+        ``takes_input``: a workflow step whose first positional argument will be the result of
+        what it follows; the rest are checked now, that one when it arrives.
+        """
+        if not takes_input:
+            return self._convert(args, kwargs, to_json=True)
+        try:
+            json_args, json_kwargs = self._convert((_INPUT, *args), kwargs, to_json=True)
+        except TaskArgumentsError as exc:
+            raise TaskArgumentsError(
+                str(exc), [*exc.problems, "(as a workflow step it receives the previous result as its first argument)"]
+            ) from None
+        return json_args[1:], json_kwargs
 
     def from_json_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Turn stored JSON arguments back into the annotated types for the call."""
@@ -243,6 +271,14 @@ class Task(Generic[P, R]):
     def job(self, *args: P.args, **kwargs: P.kwargs) -> NewJob:
         """A checked, not yet stored job: for ``app.enqueue_many``."""
         return self.app.new_job(self, args, kwargs, EnqueueOptions())
+
+    def step(self, *args: Any, **kwargs: Any) -> Step:
+        """A workflow step: this task with its own arguments, for ``chain``, ``group`` and ``chord``.
+
+        After another step it receives that step's result as its first argument, so give only
+        the rest here (``.immutable()`` opts out). Arguments are checked when the workflow is enqueued.
+        """
+        return Step(self, args, dict(kwargs))
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job for this task; a worker runs it. Returns the stored job."""
@@ -276,6 +312,10 @@ class BoundTask(Generic[P, R]):
 
     def job(self, *args: P.args, **kwargs: P.kwargs) -> NewJob:
         return self.task.app.new_job(self.task, args, kwargs, self.options)
+
+    def step(self, *args: Any, **kwargs: Any) -> Step:
+        """A workflow step with these options (see ``Task.step``)."""
+        return Step(self.task, args, dict(kwargs), self.options)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         new = self.task.app.new_job(self.task, args, kwargs, self.options)

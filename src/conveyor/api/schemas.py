@@ -90,7 +90,7 @@ class JobPublic(Strict):
     task: str
     queue: str
     priority: int
-    state: Literal["scheduled", "queued", "running", "retrying", "succeeded", "dead", "cancelled"]
+    state: Literal["scheduled", "queued", "running", "retrying", "succeeded", "dead", "cancelled", "waiting"]
     args: list[Any]
     kwargs: dict[str, Any]
     attempt: int

@@ -120,6 +120,7 @@ class Executor:
         return Ack(
             job_id=job.id,
             lease_owner=job.lease_owner or "",
+            workflow_id=job.workflow_id,
             state=JobState.SUCCEEDED,
             record=self._record(job, Outcome.SUCCEEDED, started_at),
             result=stored,
@@ -200,13 +201,21 @@ class Executor:
             return Ack(
                 job_id=job.id,
                 lease_owner=job.lease_owner or "",
+                workflow_id=job.workflow_id,
                 state=JobState.RETRYING,
                 record=record,
                 error=error,
                 run_at=record.ended_at + timedelta(seconds=delay),
             )
         self._events.emit(JobEvent(EventName.DEAD, job, self._worker_id, duration=duration, error=error))
-        return Ack(job_id=job.id, lease_owner=job.lease_owner or "", state=JobState.DEAD, record=record, error=error)
+        return Ack(
+            job_id=job.id,
+            lease_owner=job.lease_owner or "",
+            workflow_id=job.workflow_id,
+            state=JobState.DEAD,
+            record=record,
+            error=error,
+        )
 
     def released(self, job: Job, started_at: datetime) -> Ack:
         """The ack for an attempt cut short by shutdown: queued again, the attempt given back."""
@@ -214,6 +223,7 @@ class Executor:
         return Ack(
             job_id=job.id,
             lease_owner=job.lease_owner or "",
+            workflow_id=job.workflow_id,
             state=JobState.QUEUED,
             record=self._record(job, Outcome.RELEASED, started_at),
             run_at=self._clock(),
@@ -226,6 +236,7 @@ class Executor:
         return Ack(
             job_id=job.id,
             lease_owner=job.lease_owner or "",
+            workflow_id=job.workflow_id,
             state=JobState.CANCELLED,
             record=self._record(job, Outcome.CANCELLED, started_at),
         )

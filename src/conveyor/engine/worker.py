@@ -105,6 +105,7 @@ class Worker:
         self._changed: asyncio.Event | None = None
         self._ack_ready: asyncio.Event | None = None
         self._acks_in_flight = 0
+        self._ack_rounds = 0
         self.started = asyncio.Event()
 
     # -- control ------------------------------------------------------------------------
@@ -208,6 +209,7 @@ class Worker:
                 # Wait a moment for more, unless the claim would fill half the capacity.
                 await asyncio.sleep(_CLAIM_COALESCE_SECONDS)
                 free = self.concurrency - len(self._running)
+            acks_before = self._ack_rounds
             try:
                 jobs = await store.fetch_jobs(
                     queues=self.queues,
@@ -225,7 +227,9 @@ class Worker:
             self.stats.claimed += len(jobs)
             if jobs:
                 continue
-            if drain and not self._running and not self._acks and not self._acks_in_flight:
+            # An ack that landed while the claim ran may have queued more (a workflow's next step).
+            settled = self._ack_rounds == acks_before
+            if drain and settled and not self._running and not self._acks and not self._acks_in_flight:
                 return
             await self._wait_for_work(store)
 
@@ -332,6 +336,7 @@ class Worker:
                 continue
             finally:
                 self._acks_in_flight = 0
+            self._ack_rounds += 1
             self.stats.acked += len(applied)
             for ack in batch:
                 self.stats.by_outcome[ack.state.value] = self.stats.by_outcome.get(ack.state.value, 0) + 1

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from conveyor.jobs import Ack, Job, JobFilter, NewJob, Page, QueueStats, TokenRecord
 from conveyor.settings import Settings
+from conveyor.workflows import CompiledWorkflow, Workflow
 
 
 class Store(Protocol):
@@ -16,6 +17,12 @@ class Store(Protocol):
     dialect: str
 
     async def insert_jobs(self, new_jobs: Sequence[NewJob], *, now: datetime, connection: Any = None) -> list[Job]: ...
+
+    async def insert_workflow(
+        self, compiled: CompiledWorkflow, *, name: str | None, now: datetime, connection: Any = None
+    ) -> Workflow: ...
+
+    async def get_workflow(self, workflow_id: str) -> Workflow | None: ...
 
     async def wait_for_jobs(self, timeout: float) -> None: ...
 

@@ -42,7 +42,9 @@ from conveyor.jobs import (
     TokenRecord,
 )
 from conveyor.storage import dialects
-from conveyor.storage.schema import JSONType, UTCDateTime, jobs, tokens
+from conveyor.storage import workflows as workflow_store
+from conveyor.storage.schema import JSONType, UTCDateTime, jobs, tokens, workflows
+from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
 
 _RUNNABLE = [state.value for state in RUNNABLE_STATES]
 _FINISHED = [state.value for state in FINISHED_STATES]
@@ -141,6 +143,8 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
         correlation_id=row["correlation_id"],
         parent_id=row["parent_id"],
         workflow_id=row["workflow_id"],
+        # Rows read by the raw PostgreSQL insert path don't select it; those jobs wait on nothing.
+        waiting_on=row.get("waiting_on") or 0,
     )
 
 
@@ -294,7 +298,9 @@ class SqlStore:
             "task": new.task,
             "queue": new.queue,
             "priority": new.priority,
-            "state": JobState.SCHEDULED if run_at > now else JobState.QUEUED,
+            "state": JobState.WAITING
+            if new.waiting_on > 0
+            else (JobState.SCHEDULED if run_at > now else JobState.QUEUED),
             "args": new.args,
             "kwargs": new.kwargs,
             "attempt": 0,
@@ -317,9 +323,57 @@ class SqlStore:
             "correlation_id": new.correlation_id,
             "workflow_id": new.workflow_id,
             "parent_id": new.parent_id,
+            "waiting_on": new.waiting_on,
+            "input_template": new.input_template,
             "created_at": now,
             "updated_at": now,
         }
+
+    @_guarded
+    async def insert_workflow(
+        self, compiled: CompiledWorkflow, *, name: str | None, now: datetime, connection: Any = None
+    ) -> Workflow:
+        """Insert a workflow, its jobs and their dependencies in one transaction.
+
+        ``connection``: an SQLAlchemy ``AsyncConnection`` or ``AsyncSession`` whose transaction
+        it joins (a raw asyncpg connection is not supported here; wrap it in SQLAlchemy).
+        """
+        if isinstance(connection, AsyncSession):
+            connection = await connection.connection()
+        if connection is not None and not isinstance(connection, AsyncConnection):
+            raise TypeError(
+                f"enqueue_workflow(connection=...) takes an SQLAlchemy AsyncConnection or AsyncSession, "
+                f"not {type(connection).__name__}"
+            )
+        rows = [self._new_row(new, now) for new in compiled.jobs]
+        record = {
+            "id": compiled.id,
+            "name": name,
+            "structure": compiled.structure,
+            "output": compiled.output,
+            "correlation_id": next((new.correlation_id for new in compiled.jobs if new.correlation_id), None),
+            "created_at": _as_utc(now),
+        }
+        queues = sorted({row["queue"] for row in rows if row["state"] == JobState.QUEUED})
+        async with self._writing(connection) as conn:
+            await conn.execute(sa.insert(workflows), [record])
+            await conn.execute(sa.insert(jobs), rows)
+            await workflow_store.insert_edges(conn, compiled.edges)
+            from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+
+            await self._notify(conn, JOBS_CHANNEL, queues)
+        if connection is None and queues:
+            self._work_added.set()
+        return _row_to_workflow(record, [_row_to_job(row) for row in rows])
+
+    @_guarded
+    async def get_workflow(self, workflow_id: str) -> Workflow | None:
+        async with self._read_engine.connect() as conn:
+            record = (await conn.execute(sa.select(workflows).where(workflows.c.id == workflow_id))).mappings().first()
+            if record is None:
+                return None
+            members = (await conn.execute(sa.select(jobs).where(jobs.c.workflow_id == workflow_id))).mappings().all()
+        return _row_to_workflow(record, [_row_to_job(row) for row in members])
 
     async def wait_for_jobs(self, timeout: float) -> None:
         """Return when runnable jobs were added (here, or by any process on PostgreSQL), or after ``timeout``."""
@@ -421,18 +475,37 @@ class SqlStore:
             )
         )
 
-    async def _apply_acks(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
+    async def _apply_acks(
+        self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime
+    ) -> tuple[set[str], workflow_store.Moved]:
+        """Apply the acks; move their workflows on. Returns the ids that landed and what moved."""
         applied = await self._apply_acks_as_given(conn, acks, now)
         again = [ack.job_id for ack in acks if ack.job_id in applied and ack.state not in FINISHED_STATES]
+        cancelled_instead: set[str] = set()
         if again:
             # An attempt that ended on its own after a user asked the job to stop does not run
             # again: the cancel wins over the retry (or the shutdown hand-back).
-            await conn.execute(
+            stop = (
                 sa.update(jobs)
                 .where(jobs.c.id.in_(again), jobs.c.cancel_requested_at.is_not(None))
                 .values(state=JobState.CANCELLED.value, finished_at=now, updated_at=now)
+                .returning(jobs.c.id)
             )
-        return applied
+            cancelled_instead = set((await conn.execute(stop)).scalars())
+        moved = workflow_store.Moved(finished=set(cancelled_instead))
+        steps = [ack for ack in acks if ack.workflow_id is not None and ack.job_id in applied]
+        if steps:
+            succeeded = [ack.job_id for ack in steps if ack.state is JobState.SUCCEEDED]
+            failed = {
+                ack.job_id: "ended dead" if ack.state is JobState.DEAD else "was cancelled"
+                for ack in steps
+                if ack.state in (JobState.DEAD, JobState.CANCELLED) or ack.job_id in cancelled_instead
+            }
+            released = await workflow_store.release_dependents(conn, self.dialect, succeeded, now)
+            cancelled = await workflow_store.cancel_dependents(conn, failed, now)
+            moved.queues |= released.queues
+            moved.finished |= cancelled.finished
+        return applied, moved
 
     async def _apply_acks_as_given(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         if self.dialect == "postgresql":
@@ -495,11 +568,23 @@ class SqlStore:
         if not acks:
             return set()
         async with self._writing() as conn:
-            applied = await self._apply_acks(conn, acks, now)
-            finished = {ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied
-            await self._notify_finished(conn, finished)
-        self._announce_finished(finished)
+            applied, moved = await self._apply_acks(conn, acks, now)
+            finished = ({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied) | moved.finished
+            await self._notify_moved(conn, finished, moved)
+        self._announce_moved(finished, moved)
         return applied
+
+    async def _notify_moved(self, conn: AsyncConnection, finished: set[str], moved: workflow_store.Moved) -> None:
+        await self._notify_finished(conn, finished)
+        if moved.queues:
+            from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+
+            await self._notify(conn, JOBS_CHANNEL, sorted(moved.queues))
+
+    def _announce_moved(self, finished: set[str], moved: workflow_store.Moved) -> None:
+        self._announce_finished(finished)
+        if moved.queues:
+            self._work_added.set()
 
     def on_jobs_finished(self, listener: Callable[[set[str]], None]) -> None:
         """Call ``listener`` with the ids of finished jobs: here at once, and (PostgreSQL) from any process."""
@@ -544,10 +629,10 @@ class SqlStore:
         async with self._writing() as conn:
             found = [_row_to_job(row) for row in (await conn.execute(expired)).mappings()]
             acks = [self._lost_ack(job, now) for job in found]
-            applied = await self._apply_acks(conn, acks, now)
-            finished = {ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied
-            await self._notify_finished(conn, finished)
-        self._announce_finished(finished)
+            applied, moved = await self._apply_acks(conn, acks, now)
+            finished = ({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied) | moved.finished
+            await self._notify_moved(conn, finished, moved)
+        self._announce_moved(finished, moved)
         return [job for job in found if job.id in applied]
 
     @staticmethod
@@ -563,6 +648,7 @@ class SqlStore:
         return Ack(
             job_id=job.id,
             lease_owner=job.lease_owner or "",
+            workflow_id=job.workflow_id,
             state=JobState.DEAD if dead else JobState.RETRYING,
             record=AttemptRecord(
                 attempt=job.attempt,
@@ -661,26 +747,37 @@ class SqlStore:
             .values(**values)
             .returning(*jobs.c)
         )
+        moved = workflow_store.Moved()
         async with self._writing() as conn:
             row = (await conn.execute(change)).mappings().first()
             state = None
             if row is None:
                 state = (await conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
-            elif values.get("state") == JobState.QUEUED.value:
-                from conveyor.storage.postgres import JOBS_CHANNEL  # noqa: PLC0415 - a constant, no driver use
-
-                await self._notify(conn, JOBS_CHANNEL, [row["queue"]])
-            elif values.get("state") in _FINISHED:
-                await self._notify_finished(conn, {job_id})
+            else:
+                moved = await self._move_workflow_after(conn, row, now=values["updated_at"])
+                if row["state"] == JobState.QUEUED.value:
+                    moved.queues.add(row["queue"])
+                if row["state"] in _FINISHED:
+                    moved.finished.add(job_id)
+                await self._notify_moved(conn, moved.finished, moved)
         if row is not None:
-            if values.get("state") == JobState.QUEUED.value:
-                self._work_added.set()
-            if values.get("state") in _FINISHED:
-                self._announce_finished({job_id})
+            self._announce_moved(moved.finished, moved)
             return _row_to_job(row)
         if state is None:
             raise JobNotFoundError(job_id)
         raise JobStateError(job_id, state, operation, [state.value for state in allowed or from_states])
+
+    async def _move_workflow_after(
+        self, conn: AsyncConnection, row: Mapping[str, Any], *, now: datetime
+    ) -> workflow_store.Moved:
+        """An operator changed a workflow step: cancel what waits on it, or (replayed) restore it."""
+        if row["workflow_id"] is None:
+            return workflow_store.Moved()
+        if row["state"] == JobState.CANCELLED.value:
+            return await workflow_store.cancel_dependents(conn, {row["id"]: "was cancelled"}, now)
+        if row["state"] == JobState.QUEUED.value:
+            await workflow_store.restore_dependents(conn, row["id"], now)
+        return workflow_store.Moved()
 
     @_guarded
     async def cancel_job(self, job_id: str, *, now: datetime) -> Job:
@@ -740,7 +837,21 @@ class SqlStore:
 
     @_guarded
     async def retry_job(self, job_id: str, *, now: datetime) -> Job:
-        """Queue a dead or cancelled job again with its full number of attempts (a DLQ replay)."""
+        """Queue a dead or cancelled job again with its full number of attempts (a DLQ replay).
+
+        A workflow step cancelled because a job it waits for failed can't run before that job
+        succeeds: replaying the failed job is what resumes it, so it is refused here.
+        """
+        async with self._read_engine.connect() as conn:
+            found = (await conn.execute(sa.select(jobs.c.state, jobs.c.error).where(jobs.c.id == job_id))).first()
+        if found is not None and (found.error or {}).get("type") == workflow_store.DEPENDENCY_FAILED:
+            raise JobStateError(
+                job_id,
+                found.state,
+                "retry",
+                [state.value for state in REPLAYABLE_STATES],
+                reason=f"it waits for another job of its workflow that failed ({found.error['message']})",
+            )
         return await self._transition(
             job_id,
             REPLAYABLE_STATES,
@@ -795,6 +906,18 @@ class SqlStore:
         change = sa.update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None)).values(revoked_at=now)
         async with self._writing() as conn:
             return bool((await conn.execute(change)).rowcount)
+
+
+def _row_to_workflow(record: Mapping[str, Any], members: Sequence[Job]) -> Workflow:
+    return Workflow(
+        id=record["id"],
+        name=record["name"],
+        structure=record["structure"],
+        output=record["output"],
+        created_at=record["created_at"],
+        correlation_id=record["correlation_id"],
+        jobs=order_jobs(record["structure"], members),
+    )
 
 
 def _row_to_token(row: Mapping[str, Any]) -> TokenRecord:
