@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.errors import ConfigError
 
+_MAX_QUEUE_NAME = 255
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 _SCHEME_ALIASES = {
     "sqlite": "sqlite",
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     app: str | None = None
     """``module:attribute`` of the Conveyor app whose tasks the CLI and workers use."""
     queues: Annotated[tuple[str, ...], NoDecode] = ("default",)
+    queue_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """Queue name -> most jobs of that queue running at once on all workers together."""
     concurrency: int = Field(default=10, ge=1, le=10_000)
     cpu_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=512)
     max_attempts: int = Field(default=5, ge=1, le=1_000)
@@ -86,6 +89,8 @@ class Settings(BaseSettings):
     """The HTTP API refuses larger request bodies with 413, before reading them whole."""
     batch_limit: int = Field(default=1_000, ge=1, le=100_000)
     """Most jobs one ``POST /jobs/batch`` may carry."""
+    workflow_limit: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Most steps one ``POST /workflows`` may carry."""
     metrics_enabled: bool = True
     """Collect Prometheus metrics (``GET /metrics``, ``conveyor worker --metrics-port``)."""
     otel_endpoint: str | None = None
@@ -110,6 +115,30 @@ class Settings(BaseSettings):
         if not names or any(not name for name in names):
             raise ValueError("queue names must be non-empty, e.g. 'default,emails'")
         return names
+
+    @field_validator("queue_limits", mode="before")
+    @classmethod
+    def _queue_limits_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs = [part.strip() for part in value.split(",") if part.strip()]
+        limits: dict[str, int] = {}
+        for pair in pairs:
+            name, _, cap = (item.strip() for item in pair.partition("="))
+            if not name or not (cap.isascii() and cap.isdigit()):
+                raise ValueError(f"{pair!r} is not name=N with N a whole number; write e.g. 'reports=2,exports=1'")
+            limits[name] = int(cap)
+        return limits
+
+    @field_validator("queue_limits")
+    @classmethod
+    def _queue_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, cap in value.items():
+            if not name or len(name) > _MAX_QUEUE_NAME:
+                raise ValueError(f"queue names must be 1 to {_MAX_QUEUE_NAME} characters, not {name!r}")
+            if cap < 1:
+                raise ValueError(f"the limit of queue {name!r} must be at least 1, not {cap}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

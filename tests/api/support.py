@@ -47,6 +47,10 @@ def register_tasks(conveyor: Conveyor, controls: Controls) -> None:
     async def add(a: int, b: int) -> int:
         return a + b
 
+    @conveyor.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
     @conveyor.task(queue="emails")
     def shout(text: str) -> str:
         return text.upper()

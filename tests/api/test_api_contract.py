@@ -33,6 +33,8 @@ OPERATIONS = (
     "POST /jobs/{job_id}/cancel",
     "POST /jobs/{job_id}/retry",
     "GET /jobs/{job_id}/attempts",
+    "POST /workflows",
+    "GET /workflows/{workflow_id}",
     "GET /queues",
     "GET /tasks",
     "GET /health",
@@ -44,6 +46,11 @@ GOOD_JOBS: list[dict[str, Any]] = [
     {"task": "shout", "args": ["hi"], "queue": "emails", "priority": 3},
     {"task": "flaky", "max_attempts": 1},
     {"task": "add", "kwargs": {"a": 1, "b": 2}, "delay_seconds": 3600},
+]
+GOOD_WORKFLOWS: list[dict[str, Any]] = [
+    {"workflow": {"chain": [{"task": "add", "args": [1, 2]}, {"task": "add", "args": [3]}]}},
+    {"workflow": {"chord": {"group": [{"task": "add", "args": [1, 1]}], "callback": {"task": "total"}}}},
+    {"workflow": {"chain": [{"task": "flaky"}, {"task": "shout"}]}, "name": "fails"},
 ]
 EXAMPLES_PER_OPERATION = 40
 # Not part of this contract: the API checks more than JSON Schema can say (registered task
@@ -95,6 +102,16 @@ def _known_job_ids(contract: Contract) -> list[str]:
     return ids
 
 
+def _known_workflow_ids(contract: Contract) -> list[str]:
+    submit = _operation(contract.schema, "POST /workflows")
+    ids = []
+    for body in GOOD_WORKFLOWS:
+        response = submit.Case(body=body).call(headers=bearer(contract.token))
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
 def _strategy(contract: Contract, operation: APIOperation) -> st.SearchStrategy[Case]:
     strategies = [operation.as_strategy(mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
     if "job_id" in operation.path:
@@ -104,6 +121,13 @@ def _strategy(contract: Contract, operation: APIOperation) -> st.SearchStrategy[
             operation.as_strategy(path_parameters={"job_id": job_id}, query=query)
             for job_id in _known_job_ids(contract)
         ]
+    if "workflow_id" in operation.path:
+        strategies += [
+            operation.as_strategy(path_parameters={"workflow_id": workflow_id}, query={"wait": 0.05})
+            for workflow_id in _known_workflow_ids(contract)
+        ]
+    if operation.label == "POST /workflows":
+        strategies += [operation.as_strategy(body=body) for body in GOOD_WORKFLOWS]
     if operation.label == "POST /jobs":
         strategies += [operation.as_strategy(body=body) for body in GOOD_JOBS]
     if operation.label == "POST /jobs/batch":

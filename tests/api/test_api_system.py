@@ -44,13 +44,14 @@ async def test_tasks_lists_names_kinds_queues_and_argument_schemas(idle_api: Api
 
     assert response.status_code == 200
     tasks = {task.name: task for task in TasksPublic.model_validate(response.json()).tasks}
-    assert list(tasks) == ["add", "blocked", "crunch", "flaky", "shout"], "sorted by name"
+    assert list(tasks) == ["add", "blocked", "crunch", "flaky", "shout", "total"], "sorted by name"
     assert {name: task.kind for name, task in tasks.items()} == {
         "add": "async",
         "blocked": "async",
         "crunch": "cpu",
         "flaky": "async",
         "shout": "sync",
+        "total": "async",
     }
     assert tasks["shout"].queue == "emails"
     assert (tasks["flaky"].max_attempts, tasks["add"].max_attempts) == (1, 5), "the app default fills in"

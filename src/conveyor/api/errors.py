@@ -18,6 +18,7 @@ from conveyor.errors import (
     StorageError,
     TaskArgumentsError,
     UnknownTaskError,
+    WorkflowNotFoundError,
 )
 
 logger = structlog.get_logger("conveyor.api")
@@ -85,6 +86,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFoundError)
     async def _not_found(_request: Request, exc: JobNotFoundError) -> JSONResponse:
         return envelope(404, "job_not_found", str(exc), {"job_id": exc.job_id})
+
+    @app.exception_handler(WorkflowNotFoundError)
+    async def _workflow_not_found(_request: Request, exc: WorkflowNotFoundError) -> JSONResponse:
+        return envelope(404, "workflow_not_found", str(exc), {"workflow_id": exc.workflow_id})
 
     @app.exception_handler(JobStateError)
     async def _conflict(_request: Request, exc: JobStateError) -> JSONResponse:

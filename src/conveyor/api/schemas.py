@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from conveyor.jobs import AttemptRecord, Job, JobError
+from conveyor.workflows import Workflow
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 
@@ -112,6 +113,8 @@ class JobPublic(Strict):
     correlation_id: str | None
     idempotency_key: str | None
     unique_key: str | None = None
+    workflow_id: str | None = Field(default=None, description="The workflow this job is a step of.")
+    waiting_on: int = Field(default=0, description="For a waiting step: how many jobs it still waits for.")
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
@@ -139,6 +142,8 @@ class JobPublic(Strict):
             correlation_id=job.correlation_id,
             idempotency_key=key,
             unique_key=job.unique_key,
+            workflow_id=job.workflow_id,
+            waiting_on=job.waiting_on,
         )
 
 
@@ -194,3 +199,92 @@ class Health(Strict):
 class Ready(Strict):
     status: Literal["ready", "not ready"]
     checks: dict[str, str]
+
+
+class StepSpec(Strict):
+    """One job of a workflow. After another step it receives that step's result as its first argument."""
+
+    task: Name = Field(description="A registered task name.")
+    args: list[Any] = Field(default_factory=list, description="Its own positional arguments, after the input.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    queue: Name | None = None
+    priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000)
+    max_attempts: int | None = Field(default=None, ge=1, le=1_000)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 86_400)
+    immutable: bool = Field(default=False, description="Don't pass it the result of what it follows.")
+
+
+class ChainSpec(Strict):
+    chain: list[NodeSpec] = Field(min_length=1, description="Parts run in order; each receives the last result.")
+
+
+class GroupSpec(Strict):
+    group: list[NodeSpec] = Field(description="Members run side by side; the result is their results, in order.")
+
+
+class ChordParts(Strict):
+    group: list[NodeSpec]
+    callback: NodeSpec
+
+
+class ChordSpec(Strict):
+    chord: ChordParts = Field(description="A group, then a callback run once with the list of results.")
+
+
+def _node_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for kind in ("task", "chain", "group", "chord"):
+            if kind in value:
+                return kind
+        return None
+    return getattr(value, "kind", None)
+
+
+NodeSpec = Annotated[
+    Annotated[StepSpec, Tag("task")]
+    | Annotated[ChainSpec, Tag("chain")]
+    | Annotated[GroupSpec, Tag("group")]
+    | Annotated[ChordSpec, Tag("chord")],
+    Discriminator(
+        _node_kind,
+        custom_error_type="workflow_node",
+        custom_error_message="a workflow node is an object with one of: task, chain, group, chord",
+    ),
+]
+
+
+class WorkflowCreate(Strict):
+    workflow: NodeSpec
+    name: Name | None = Field(default=None, description="A label for people; not unique.")
+
+
+class WorkflowPublic(Strict):
+    id: str
+    name: str | None
+    state: Literal["running", "succeeded", "failed", "cancelled"]
+    created_at: datetime
+    correlation_id: str | None
+    result: Any = Field(default=None, description="Once succeeded: shaped like the workflow (see docs).")
+    counts: dict[str, int] = Field(description="Steps by state.")
+    structure: dict[str, Any] = Field(description="The tree as submitted, with each step's job id.")
+    jobs: list[JobPublic] = Field(description="Every step's job, in the order of the tree.")
+
+    @classmethod
+    def of(cls, workflow: Workflow) -> WorkflowPublic:
+        summary = workflow.to_json()
+        return cls(
+            id=workflow.id,
+            name=workflow.name,
+            state=workflow.state.value,
+            created_at=workflow.created_at,
+            correlation_id=workflow.correlation_id,
+            result=workflow.result,
+            counts=summary["counts"],
+            structure=workflow.structure,
+            jobs=[JobPublic.of(job) for job in workflow.jobs],
+        )
+
+
+ChainSpec.model_rebuild()
+GroupSpec.model_rebuild()
+ChordParts.model_rebuild()
