@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from conveyor import CONTEXT, Conveyor, JobContext, PermanentError, constant
 
@@ -97,6 +98,13 @@ async def until_marker(marker: str, ctx: JobContext = CONTEXT) -> str:
         await asyncio.sleep(0.02)
     record(f"done {ctx.job_id} {ctx.attempt}")
     return "marker seen"
+
+
+@app.task
+async def collect(values: list[Any], ctx: JobContext = CONTEXT) -> int:
+    """A chord callback: records that it ran and how many results it got."""
+    record(f"collect {ctx.job_id} {len(values)}")
+    return len(values)
 
 
 @app.task(max_attempts=1)
