@@ -198,7 +198,9 @@ class Workflow:
 def resolve(template: Template, results: dict[str, Any]) -> Any:
     """Build a step's input from the results of the jobs the template names."""
     if isinstance(template, str):
-        return results[template]
+        # Pruning keeps the steps of unfinished workflows, so a result is only missing if
+        # someone deleted rows by hand; the step then gets null rather than failing the ack.
+        return results.get(template)
     return [resolve(part, results) for part in template]
 
 

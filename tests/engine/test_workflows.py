@@ -11,6 +11,7 @@ from conveyor import (
     JobState,
     JobStateError,
     TaskArgumentsError,
+    WorkflowNotFoundError,
     WorkflowState,
     chain,
     chord,
@@ -241,5 +242,29 @@ async def test_a_step_after_an_empty_group_receives_an_empty_list(database_url: 
         assert done.state is WorkflowState.SUCCEEDED
         assert done.result == 0
         assert done.jobs[-1].args == [[]]
+    finally:
+        await app.close()
+
+
+async def test_pruning_keeps_the_finished_steps_of_an_unfinished_workflow_and_then_forgets_it(
+    database_url: str,
+) -> None:
+    app, _ = make_app(database_url)
+    add, square = app.tasks["add"], app.tasks["square"]
+    try:
+        workflow = await chain(add.step(1, 2), square.step()).enqueue()
+        await drain(app, concurrency=1)
+        first, second = (await app.get_workflow(workflow.id)).jobs
+        assert (first.state, second.state) == (JobState.SUCCEEDED, JobState.SUCCEEDED)
+        unfinished = await chain(add.step(2, 2), square.using(delay=3600).step()).enqueue()
+        await drain(app)
+
+        pruned = await app.prune(older_than=0)
+
+        assert pruned == 2, "the finished workflow's two jobs, not the unfinished one's first step"
+        with pytest.raises(WorkflowNotFoundError):
+            await app.get_workflow(workflow.id)
+        kept = await app.get_workflow(unfinished.id)
+        assert [job.state for job in kept.jobs] == [JobState.SUCCEEDED, JobState.SCHEDULED]
     finally:
         await app.close()

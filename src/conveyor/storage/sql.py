@@ -666,17 +666,29 @@ class SqlStore:
     async def prune_jobs(self, *, finished_before: datetime, batch_size: int = 500) -> int:
         """Delete finished jobs older than the cutoff, in small transactions that hold no long lock."""
         total = 0
+        sibling = jobs.alias("sibling")
+        # A finished step of an unfinished workflow stays: a later step may still need its result.
+        workflow_unfinished = (
+            sa.select(sibling.c.id)
+            .where(sibling.c.workflow_id == jobs.c.workflow_id, sibling.c.state.notin_(_FINISHED))
+            .exists()
+        )
         while True:
             batch = (
-                sa.select(jobs.c.id)
+                sa.select(jobs.c.id, jobs.c.workflow_id)
                 .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at < finished_before)
                 .where(jobs.c.state.in_(_FINISHED))
+                .where(sa.or_(jobs.c.workflow_id.is_(None), ~workflow_unfinished))
                 .limit(batch_size)
             )
             async with self._writing() as conn:
-                deleted = (await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(batch.scalar_subquery())))).rowcount
+                found = (await conn.execute(batch)).all()
+                ids = [job_id for job_id, _ in found]
+                deleted = (await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids)))).rowcount if ids else 0
+                if any(workflow_id for _, workflow_id in found):
+                    await workflow_store.forget(conn, ids, {workflow_id for _, workflow_id in found if workflow_id})
             total += deleted
-            if deleted < batch_size:
+            if len(found) < batch_size:
                 return total
 
     # -- reading ------------------------------------------------------------------------

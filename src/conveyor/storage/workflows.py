@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.jobs import JobError, JobState
-from conveyor.storage.schema import job_dependencies, jobs
+from conveyor.storage.schema import job_dependencies, jobs, workflows
 from conveyor.workflows import DEPENDENCY_FAILED, resolve, template_job_ids
 
 # Well under SQLite's limit on bound parameters in one statement.
@@ -177,3 +177,19 @@ async def insert_edges(conn: AsyncConnection, edges: Sequence[tuple[str, str]]) 
             sa.insert(job_dependencies),
             [{"dependency_id": dependency, "dependent_id": dependent} for dependency, dependent in edges],
         )
+
+
+async def forget(conn: AsyncConnection, job_ids: Sequence[str], workflow_ids: set[str]) -> None:
+    """Pruned jobs take their edges with them, and a workflow with no job left goes too."""
+    for chunk in _chunks(list(job_ids)):
+        await conn.execute(
+            sa.delete(job_dependencies).where(
+                sa.or_(job_dependencies.c.dependency_id.in_(chunk), job_dependencies.c.dependent_id.in_(chunk))
+            )
+        )
+    left = set(
+        (await conn.execute(sa.select(jobs.c.workflow_id).where(jobs.c.workflow_id.in_(workflow_ids)))).scalars()
+    )
+    gone = sorted(workflow_ids - left)
+    if gone:
+        await conn.execute(sa.delete(workflows).where(workflows.c.id.in_(gone)))
