@@ -17,6 +17,7 @@ from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
 from conveyor.correlation import current_correlation_id
 from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError, WorkflowNotFoundError
 from conveyor.jobs import Job, JobFilter, JobState, NewJob, Page, QueueStats
+from conveyor.limits import parse_rate_limit
 from conveyor.metrics import Metrics
 from conveyor.settings import Settings, load_settings
 from conveyor.storage import Store, open_store
@@ -72,6 +73,7 @@ class Conveyor:
         timeout: float | timedelta | None = None,
         cpu: bool = False,
         unique_key: Callable[..., str] | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -88,6 +90,7 @@ class Conveyor:
         timeout: float | timedelta | None = None,
         cpu: bool = False,
         unique_key: Callable[..., str] | None = None,
+        rate_limit: str | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task: ``async def`` runs on the event loop, plain ``def`` in a
         thread, and ``cpu=True`` in a process pool.
@@ -95,7 +98,9 @@ class Conveyor:
         ``retry_on`` limits which exceptions are retried (``PermanentError`` never is);
         ``backoff`` maps the failed attempt's number to seconds before the next;
         ``unique_key`` maps the job's arguments to a key: while a job with that key is
-        unfinished, enqueueing another returns that job instead of adding one.
+        unfinished, enqueueing another returns that job instead of adding one;
+        ``rate_limit`` (``"10/s"``, ``"100/m"``, ``"1000/h"``) caps how many of its attempts start
+        in any second, minute or hour, on all workers together.
         """
         timeout_seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         retry_types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
@@ -103,6 +108,12 @@ class Conveyor:
         def register(function: Callable[P, R]) -> Task[P, R]:
             task_name = name or getattr(function, "__name__", None)
             problems = _option_problems(queue=queue, max_attempts=max_attempts, timeout=timeout_seconds)
+            rate = None
+            if rate_limit is not None:
+                try:
+                    rate = parse_rate_limit(rate_limit)
+                except ValueError as exc:
+                    problems.append(str(exc))
             if not task_name or len(task_name) > MAX_NAME_LENGTH:
                 problems.append(f"name must be 1 to {MAX_NAME_LENGTH} characters")
             if task_name in self._tasks:
@@ -126,6 +137,7 @@ class Conveyor:
                 retry_on=retry_types,
                 cpu=cpu,
                 unique_key=unique_key,
+                rate_limit=rate,
             )
             registered = Task(self, function, str(task_name), options)
             self._tasks[registered.name] = registered

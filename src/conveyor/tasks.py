@@ -16,6 +16,7 @@ from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
 from conveyor.context import JobContext
 from conveyor.errors import PermanentError, TaskArgumentsError
 from conveyor.jobs import Job, NewJob
+from conveyor.limits import RateLimit
 from conveyor.workflows import Step
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class TaskOptions:
     cpu: bool = False
     unique_key: Callable[..., str] | None = None
     """Called with the job's arguments; jobs with the same key run one at a time (see unique_key below)."""
+    rate_limit: RateLimit | None = None
+    """At most this many of its attempts start per second, minute or hour, on all workers together."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,19 @@ async def test_migrated_schema_matches_the_declared_metadata(engine: AsyncEngine
     assert differences == []
 
 
+@pytest.mark.postgres
+async def test_migrated_postgres_schema_matches_the_declared_metadata(postgres_database: str) -> None:
+    """The run's PostgreSQL database was built by the migrations (conftest): it must be schema.py's."""
+    created = dialects.create_engine(Settings(database_url=postgres_database))
+    try:
+        async with created.connect() as conn:
+            differences = await conn.run_sync(_schema_differences)
+    finally:
+        await created.dispose()
+
+    assert differences == []
+
+
 async def test_compare_would_notice_a_schema_that_drifted(engine: AsyncEngine) -> None:
     # The comparison above is only worth something if it can see a difference.
     await migrate.upgrade(engine)

@@ -71,6 +71,6 @@ async def drop_database(name: str) -> None:
 async def truncate(url: str) -> None:
     connection = await asyncpg.connect(url, timeout=10)
     try:
-        await connection.execute("TRUNCATE conveyor_jobs, conveyor_tokens")
+        await connection.execute("TRUNCATE conveyor_jobs, conveyor_tokens, conveyor_rate_limits")
     finally:
         await connection.close()

@@ -32,6 +32,7 @@ from conveyor.engine.executor import Executor
 from conveyor.errors import ConveyorError
 from conveyor.events import EventName, Events, JobEvent, log_event
 from conveyor.jobs import Ack, Job, new_job_id
+from conveyor.limits import ClaimLimits
 from conveyor.log import configure_logging
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._immediate = asyncio.Event()
         self._changed: asyncio.Event | None = None
+        self._limits: ClaimLimits | None = None
         self._ack_ready: asyncio.Event | None = None
         self._acks_in_flight = 0
         self._ack_rounds = 0
@@ -155,12 +157,15 @@ class Worker:
         )
         if self.metrics is not None:
             self.metrics.capacity.inc(self.concurrency)
+        rates = {name: task.options.rate_limit for name, task in self.app.tasks.items() if task.options.rate_limit}
+        self._limits = ClaimLimits(queues=self.settings.queue_limits, rates=rates).for_queues(self.queues)
         logger.info(
             "worker.started",
             worker=self.id,
             queues=list(self.queues),
             concurrency=self.concurrency,
             tasks=sorted(self.app.tasks),
+            **(self._limits or ClaimLimits()).describe(),
         )
         self.started.set()
         loops = {
@@ -217,6 +222,7 @@ class Worker:
                     lease_owner=self._next_lease_owner(),
                     lease_seconds=self.settings.lease_seconds,
                     now=self._clock(),
+                    limits=self._limits,
                 )
             except ConveyorError as exc:
                 logger.warning("worker.claim_failed", error=str(exc))

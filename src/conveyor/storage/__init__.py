@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from conveyor.jobs import Ack, Job, JobFilter, NewJob, Page, QueueStats, TokenRecord
+from conveyor.limits import ClaimLimits
 from conveyor.settings import Settings
 from conveyor.workflows import CompiledWorkflow, Workflow
 
@@ -27,7 +28,14 @@ class Store(Protocol):
     async def wait_for_jobs(self, timeout: float) -> None: ...
 
     async def fetch_jobs(
-        self, *, queues: Sequence[str], limit: int, lease_owner: str, lease_seconds: float, now: datetime
+        self,
+        *,
+        queues: Sequence[str],
+        limit: int,
+        lease_owner: str,
+        lease_seconds: float,
+        now: datetime,
+        limits: ClaimLimits | None = None,
     ) -> list[Job]: ...
 
     async def heartbeat_jobs(self, leases: Mapping[str, str], *, lease_seconds: float, now: datetime) -> set[str]: ...

@@ -169,6 +169,16 @@ job_dependencies = sa.Table(
 )
 sa.Index("ix_conveyor_job_dependencies_dependent_id", job_dependencies.c.dependent_id)
 
+# A row per rate-limited task: its recent starts, read and written under the row's lock by the
+# claim that spends them (see conveyor.limits.StartWindow).
+rate_limits = sa.Table(
+    "conveyor_rate_limits",
+    metadata,
+    sa.Column("task", sa.String(255), primary_key=True),
+    sa.Column("starts", JSONType, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
 tokens = sa.Table(
     "conveyor_tokens",
     metadata,

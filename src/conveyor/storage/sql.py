@@ -41,7 +41,9 @@ from conveyor.jobs import (
     QueueStats,
     TokenRecord,
 )
+from conveyor.limits import ClaimLimits
 from conveyor.storage import dialects
+from conveyor.storage import limits as limited_claims
 from conveyor.storage import workflows as workflow_store
 from conveyor.storage.schema import JSONType, UTCDateTime, jobs, tokens, workflows
 from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
@@ -393,13 +395,28 @@ class SqlStore:
         lease_owner: str,
         lease_seconds: float,
         now: datetime,
+        limits: ClaimLimits | None = None,
     ) -> list[Job]:
-        """Claim up to ``limit`` due jobs in claim order (priority, then due time, then age)."""
+        """Claim up to ``limit`` due jobs in claim order (priority, then due time, then age).
+
+        ``limits``: queue and rate limits the claim must respect on behalf of every worker (see
+        ``conveyor.storage.limits``); None keeps the claim to its single statement.
+        """
         if limit <= 0:
             return []
         if self.dialect == "sqlite" and not await self._any_due(queues, now):
             # An idle SQLite worker polls often; a read costs nothing, the write lock would.
             return []
+        running = {
+            "state": JobState.RUNNING.value,
+            "attempt": jobs.c.attempt + 1,
+            "lease_owner": lease_owner,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "attempted_at": now,
+            "updated_at": now,
+        }
+        if limits is not None:
+            return await self._fetch_limited(queues, limit, limits, running, now)
         due = (
             sa.select(jobs.c.id)
             .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
@@ -407,23 +424,30 @@ class SqlStore:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        claim = (
-            sa.update(jobs)
-            .where(jobs.c.id.in_(due.scalar_subquery()))
-            .values(
-                state=JobState.RUNNING.value,
-                attempt=jobs.c.attempt + 1,
-                lease_owner=lease_owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempted_at=now,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        )
+        claim = sa.update(jobs).where(jobs.c.id.in_(due.scalar_subquery())).values(**running).returning(*jobs.c)
         async with self._writing() as conn:
             claimed = [_row_to_job(row) for row in (await conn.execute(claim)).mappings()]
         claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
         return claimed
+
+    async def _fetch_limited(
+        self, queues: Sequence[str], limit: int, limits: ClaimLimits, running: dict[str, Any], now: datetime
+    ) -> list[Job]:
+        async with self._writing() as conn:
+            claimed = await limited_claims.claim(
+                conn, self.dialect, queues=queues, limit=limit, limits=limits, now=now, running_values=running
+            )
+        # Held up by a limit, the worker sleeps until room returns rather than asking again at once.
+        self._limit_waker.held_up(claimed, now)
+        jobs_claimed = [_row_to_job(row) for row in claimed.rows]
+        jobs_claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
+        return jobs_claimed
+
+    @functools.cached_property
+    def _limit_waker(self) -> limited_claims.Waker:
+        waker = limited_claims.Waker(self._work_added.set)
+        self.on_jobs_finished(waker.finished)
+        return waker
 
     async def _any_due(self, queues: Sequence[str], now: datetime) -> bool:
         probe = (
