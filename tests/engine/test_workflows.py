@@ -268,3 +268,49 @@ async def test_pruning_keeps_the_finished_steps_of_an_unfinished_workflow_and_th
         assert [job.state for job in kept.jobs] == [JobState.SUCCEEDED, JobState.SCHEDULED]
     finally:
         await app.close()
+
+
+async def test_replaying_a_step_cancelled_before_its_turn_waits_for_its_dependency_then_gets_its_input(
+    database_url: str,
+) -> None:
+    app, _ = make_app(database_url)
+    add = app.tasks["add"]
+    try:
+        workflow = await chain(add.step(1, 1), add.step(10), add.step(100)).enqueue()
+        first, second, third = workflow.jobs
+        await app.cancel_job(second.id)
+        assert (await app.get_job(third.id)).state is JobState.CANCELLED
+
+        replayed = await app.retry_job(second.id)
+        assert (replayed.state, replayed.waiting_on) == (JobState.WAITING, 1), "its dependency has not run yet"
+        await drain(app)
+
+        done = await app.get_workflow(workflow.id)
+        assert (done.state, done.result) == (WorkflowState.SUCCEEDED, 112)
+    finally:
+        await app.close()
+
+
+async def test_replaying_a_cancelled_step_whose_dependency_already_succeeded_starts_it_with_that_result(
+    database_url: str,
+) -> None:
+    app, _ = make_app(database_url)
+    add = app.tasks["add"]
+    try:
+        workflow = await chain(add.step(1, 1), add.step(10), add.step(100)).enqueue()
+        await app.cancel_job(workflow.jobs[1].id)
+        await drain(app)
+        assert [job.state for job in (await app.get_workflow(workflow.id)).jobs] == [
+            JobState.SUCCEEDED,
+            JobState.CANCELLED,
+            JobState.CANCELLED,
+        ]
+
+        replayed = await app.retry_job(workflow.jobs[1].id)
+        assert (replayed.state, replayed.args) == (JobState.QUEUED, [2, 10])
+        await drain(app)
+
+        done = await app.get_workflow(workflow.id)
+        assert (done.state, done.result) == (WorkflowState.SUCCEEDED, 112)
+    finally:
+        await app.close()

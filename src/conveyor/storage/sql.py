@@ -791,6 +791,10 @@ class SqlStore:
                 state = (await conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
             else:
                 moved = await self._move_workflow_after(conn, row, now=values["updated_at"])
+                if row["workflow_id"] is not None:
+                    # Moving the workflow may have changed the row itself (a replayed step that waits).
+                    row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+                    assert row is not None
                 if row["state"] == JobState.QUEUED.value:
                     moved.queues.add(row["queue"])
                 if row["state"] in _FINISHED:
@@ -812,7 +816,7 @@ class SqlStore:
         if row["state"] == JobState.CANCELLED.value:
             return await workflow_store.cancel_dependents(conn, {row["id"]: "was cancelled"}, now)
         if row["state"] == JobState.QUEUED.value:
-            await workflow_store.restore_dependents(conn, row["id"], now)
+            return await workflow_store.replay_step(conn, row["id"], now)
         return workflow_store.Moved()
 
     @_guarded

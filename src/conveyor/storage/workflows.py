@@ -62,8 +62,14 @@ async def release_dependents(conn: AsyncConnection, dialect: str, succeeded: Seq
         .values(waiting_on=jobs.c.waiting_on - sa.bindparam("b_count", type_=sa.Integer), updated_at=now)
     )
     await conn.execute(decrement, [{"b_id": job_id, "b_count": counts[job_id]} for job_id in ordered])
+    return await _start_ready(conn, ordered, now)
+
+
+async def _start_ready(conn: AsyncConnection, candidates: Sequence[str], now: datetime) -> Moved:
+    """Queue the candidates that wait on nothing more, each with its input put in front of its args."""
+    moved = Moved()
     ready_query = sa.select(jobs.c.id, jobs.c.queue, jobs.c.args, jobs.c.run_at, jobs.c.input_template).where(
-        jobs.c.id.in_(ordered), jobs.c.state == JobState.WAITING.value, jobs.c.waiting_on <= 0
+        jobs.c.id.in_(candidates), jobs.c.state == JobState.WAITING.value, jobs.c.waiting_on <= 0
     )
     ready = (await conn.execute(ready_query)).mappings().all()
     if not ready:
@@ -79,6 +85,8 @@ async def release_dependents(conn: AsyncConnection, dialect: str, succeeded: Seq
         .values(
             state=sa.bindparam("b_state"),
             args=sa.bindparam("b_args", type_=jobs.c.args.type),
+            # Consumed: a replay of this step later runs it with the same input, not a second one.
+            input_template=None,
             waiting_on=0,
             updated_at=now,
         )
@@ -99,6 +107,37 @@ async def release_dependents(conn: AsyncConnection, dialect: str, succeeded: Seq
             moved.queues.add(row["queue"])
     await conn.execute(start, updates)
     return moved
+
+
+async def replay_step(conn: AsyncConnection, job_id: str, now: datetime) -> Moved:
+    """A workflow step was queued again by a replay: make it wait for what it still needs.
+
+    A step cancelled before it started has not received its input yet: it waits for its
+    unfinished dependencies, or (all succeeded) gets its input now. Then every step cancelled
+    because of it waits again too.
+    """
+    template = (await conn.execute(sa.select(jobs.c.input_template).where(jobs.c.id == job_id))).scalar()
+    pending = (await conn.execute(sa.select(_pending_dependencies(job_id)))).scalar() or 0
+    moved = Moved()
+    if pending or template is not None:
+        await conn.execute(
+            sa.update(jobs).where(jobs.c.id == job_id).values(state=JobState.WAITING.value, waiting_on=pending)
+        )
+        moved = await _start_ready(conn, [job_id], now)
+    await restore_dependents(conn, job_id, now)
+    return moved
+
+
+def _pending_dependencies(job_id: str) -> Any:
+    """How many of the job's dependencies have not succeeded (a scalar subquery)."""
+    # Aliased, so the count reads the dependencies' rows, not a row being updated.
+    dependency_jobs = jobs.alias("dependency_jobs")
+    return (
+        sa.select(sa.func.count())
+        .select_from(job_dependencies.join(dependency_jobs, dependency_jobs.c.id == job_dependencies.c.dependency_id))
+        .where(job_dependencies.c.dependent_id == job_id, dependency_jobs.c.state != JobState.SUCCEEDED.value)
+        .scalar_subquery()
+    )
 
 
 async def cancel_dependents(conn: AsyncConnection, failed: Mapping[str, str], now: datetime) -> Moved:
@@ -150,23 +189,16 @@ async def restore_dependents(conn: AsyncConnection, replayed: str, now: datetime
             }
         )
         for job_id in candidates:
-            # Aliased, so the count reads the dependencies' rows, not the row being updated.
-            dependency_jobs = jobs.alias("dependency_jobs")
-            pending = (
-                sa.select(sa.func.count())
-                .select_from(
-                    job_dependencies.join(dependency_jobs, dependency_jobs.c.id == job_dependencies.c.dependency_id)
-                )
-                .where(
-                    job_dependencies.c.dependent_id == job_id,
-                    dependency_jobs.c.state != JobState.SUCCEEDED.value,
-                )
-                .scalar_subquery()
-            )
             await conn.execute(
                 sa.update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(state=JobState.WAITING.value, waiting_on=pending, error=None, finished_at=None, updated_at=now)
+                .values(
+                    state=JobState.WAITING.value,
+                    waiting_on=_pending_dependencies(job_id),
+                    error=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
             )
         frontier = candidates
 
