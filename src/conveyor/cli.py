@@ -36,11 +36,13 @@ from conveyor.errors import (
     ConfigError,
     ConveyorError,
     JobNotFoundError,
+    WorkflowNotFoundError,
     JobStateError,
     StorageError,
     TaskError,
 )
 from conveyor.jobs import Job, JobState, TokenRecord
+from conveyor.workflows import Workflow, WorkflowState
 from conveyor.log import configure_logging
 from conveyor.metrics import CONTENT_TYPE
 from conveyor.tokens import NewToken, Scope, create_token
@@ -66,7 +68,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def _exit_code(exc: ConveyorError) -> int:
     if isinstance(exc, (ConfigError, TaskError)):
         return EXIT_BAD_INPUT
-    if isinstance(exc, (JobNotFoundError, JobStateError)):
+    if isinstance(exc, (JobNotFoundError, WorkflowNotFoundError, JobStateError)):
         return EXIT_CONFLICT
     if isinstance(exc, StorageError):
         return EXIT_STORAGE
@@ -502,6 +504,41 @@ def _list_command(group: click.Group, name: str, fixed_state: JobState | None, h
 
 
 _list_command(jobs, "list", None, "List jobs, newest first.")
+
+
+@cli.group()
+def workflows() -> None:
+    """Look at workflows (chain, group, chord)."""
+
+
+@workflows.command("show")
+@_with_app
+@click.argument("workflow_id")
+@click.option("--wait", is_flag=True, help="Wait for every step to finish; exit 1 unless it succeeded.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS", help="With --wait: give up after this.")
+@JSON_OPTION
+def workflows_show(app: Conveyor, workflow_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Show a workflow: its state, its result, and every step's job."""
+
+    async def get() -> Workflow:
+        try:
+            if wait:
+                return await app.wait_for_workflow(workflow_id, timeout=timeout)
+            return await app.get_workflow(workflow_id)
+        finally:
+            await app.close()
+
+    workflow = run_async(get())
+    if as_json:
+        _emit_json(workflow.to_json())
+    else:
+        title = f"workflow {workflow.id}" + (f" ({escape(workflow.name)})" if workflow.name else "")
+        console.print(f"[bold]{title}[/]: {workflow.state.value}")
+        if workflow.state is WorkflowState.SUCCEEDED:
+            console.print(f"result: {escape(orjson.dumps(workflow.result).decode())}")
+        console.print(_jobs_table(list(workflow.jobs), "steps"))
+    if wait and workflow.state is not WorkflowState.SUCCEEDED:
+        sys.exit(EXIT_JOB_FAILED)
 
 
 @cli.group()

@@ -38,7 +38,7 @@ import pytest
 import tests.support
 from click.testing import CliRunner, Result
 
-from conveyor import Conveyor
+from conveyor import Conveyor, Step, Workflow, chain
 from conveyor.cli import cli
 from conveyor.storage.migrate import VERSION_TABLE, head_revision
 from conveyor.testing import drain
@@ -850,3 +850,47 @@ def test_token_names_with_brackets_are_shown_as_they_are(run: Cli) -> None:
     assert listed.exit_code == 0, listed.output
     assert "[/x] deploy bot" in listed.stdout
     assert [token["name"] for token in run.json("tokens", "list")] == ["[/x] deploy bot"]
+
+
+def _enqueue_chain(app: Conveyor, *steps: Step) -> Workflow:
+    async def enqueue() -> Workflow:
+        try:
+            return await chain(*steps).enqueue(name="cli chain")
+        finally:
+            await app.close()
+
+    return asyncio.run(enqueue())
+
+
+def test_workflows_show_renders_the_state_the_result_and_every_step(run: Cli, tasks_app: Conveyor) -> None:
+    noop = tasks_app.tasks["noop"]
+    workflow = _enqueue_chain(tasks_app, noop.step(7), noop.step())
+    run_due_jobs(tasks_app)
+
+    result = run("workflows", "show", workflow.id)
+
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert f"workflow {workflow.id} (cli chain): succeeded" in out
+    assert "result: 7" in out
+    for job in workflow.jobs:
+        assert job.id in out
+
+
+def test_workflows_show_wait_exits_1_unless_it_succeeded(run: Cli, tasks_app: Conveyor) -> None:
+    failing = _enqueue_chain(tasks_app, tasks_app.tasks["permanent_failure"].step(), tasks_app.tasks["noop"].step())
+    run_due_jobs(tasks_app)
+
+    shown = run("workflows", "show", failing.id, "--wait", "--timeout", "5", "--json")
+
+    assert shown.exit_code == 1
+    body = json.loads(shown.stdout)
+    assert (body["state"], body["counts"]) == ("failed", {"dead": 1, "cancelled": 1})
+    assert body["jobs"][1]["error"]["type"] == "DependencyFailed"
+
+
+def test_workflows_show_unknown_id_exits_3(run: Cli) -> None:
+    result = run("workflows", "show", "no-such-workflow")
+
+    assert result.exit_code == 3
+    assert flat(result.stderr) == "error: no workflow with id 'no-such-workflow'"
