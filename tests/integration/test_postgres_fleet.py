@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 def pg_url(postgres_database: str) -> str:
     postgres.run_sync(postgres.truncate(postgres_database))
     return postgres_database
-
-
-@pytest.fixture
-def fleet() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 @pytest.mark.slow

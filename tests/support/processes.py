@@ -88,10 +88,18 @@ class LoggedProcess:
 
 
 class WorkerProcess(LoggedProcess):
-    """``conveyor worker`` on the test tasks."""
+    """``conveyor worker`` on the test tasks (``app_path``: another app of them)."""
 
-    def __init__(self, log_path: Path, database_url: str, args: Sequence[str] = (), **settings: str) -> None:
-        command = ["worker", "--app", "tests.support.tasks:app", *args]
+    def __init__(
+        self,
+        log_path: Path,
+        database_url: str,
+        args: Sequence[str] = (),
+        *,
+        app_path: str = "tests.support.tasks:app",
+        **settings: str,
+    ) -> None:
+        command = ["worker", "--app", app_path, *args]
         super().__init__(log_path, command, worker_env(database_url, **settings))
 
     def wait_started(self, timeout: float = 120) -> None:

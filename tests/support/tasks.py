@@ -54,11 +54,32 @@ async def slow_effect(seconds: float, ctx: JobContext = CONTEXT) -> float:
     return seconds
 
 
+@app.task(queue="limited")
+async def timed(seconds: float, ctx: JobContext = CONTEXT) -> float:
+    """Records when it starts and ends, in wall-clock seconds that every process shares."""
+    record(f"start {ctx.job_id} {time.time():.6f}")
+    await asyncio.sleep(seconds)
+    record(f"end {ctx.job_id} {time.time():.6f}")
+    return seconds
+
+
 @app.task
 def sync_effect(seconds: float, ctx: JobContext = CONTEXT) -> float:
     time.sleep(seconds)
     record(f"done {ctx.job_id} {ctx.attempt}")
     return seconds
+
+
+# A second app, for workers that must respect a rate limit: on ``app`` it would put every
+# other test's workers on the limited claim.
+rated_app = Conveyor()
+rated_app.task(name="effect")(effect.fn)
+
+
+@rated_app.task(rate_limit="5/s")
+async def rated(n: int, ctx: JobContext = CONTEXT) -> int:
+    record(f"rated {ctx.job_id} {n}")
+    return n
 
 
 @app.task(max_attempts=3, backoff=constant(0.05))
