@@ -59,6 +59,8 @@ class LimitedClaim:
     """Running jobs of queues that were full while jobs waited: one of them finishing makes room."""
     room_returns_at: datetime | None = None
     """When the first task that ran out of allowance while jobs waited may start one again."""
+    resting: dict[str, datetime] = field(default_factory=dict)
+    """Tasks left without allowance, each with when it returns: until then no claim can start one."""
 
 
 async def claim(
@@ -70,8 +72,13 @@ async def claim(
     limits: ClaimLimits,
     now: datetime,
     running_values: Mapping[str, Any],
+    resting: Sequence[str] = (),
 ) -> LimitedClaim:
-    """Claim up to ``limit`` due jobs of ``queues`` that their queue's and task's limits allow."""
+    """Claim up to ``limit`` due jobs of ``queues`` that their queue's and task's limits allow.
+
+    ``resting``: rate-limited tasks known to have no allowance yet, passed over without a look
+    at (or a lock on) their rows.
+    """
     queue_room: dict[str, int] = {}
     running: dict[str, set[str]] = {}
     windows: dict[str, StartWindow] = {}
@@ -86,7 +93,7 @@ async def claim(
         open_queues = [
             queue for queue in queues if queue not in limits.queues or not locked or queue_room.get(queue, 0) > 0
         ]
-        shut_tasks = [task for task in limits.rates if locked and task_room.get(task, 0) == 0]
+        shut_tasks = [task for task in limits.rates if task in resting or (locked and task_room.get(task, 0) == 0)]
         if not open_queues:
             break
         found = (await conn.execute(_candidates(open_queues, shut_tasks, wanted, now))).all()
@@ -118,8 +125,8 @@ async def claim(
     claimed.waiting_on = {job_id for queue in full_queues for job_id in running[queue]} | {
         row["id"] for row in claimed.rows if row["queue"] in full_queues
     }
-    returns = [at for task in out_of_allowance if (at := windows[task].room_returns_at()) is not None]
-    claimed.room_returns_at = min(returns, default=None)
+    claimed.resting = {task: at for task, window in windows.items() if (at := window.room_returns_at()) is not None}
+    claimed.room_returns_at = min((claimed.resting[task] for task in out_of_allowance), default=None)
     return claimed
 
 
@@ -204,16 +211,24 @@ class Waker:
     A full queue has room again when one of its running jobs finishes (finishes are announced
     in this process, and from every process on PostgreSQL); a task's allowance returns at a
     time the claim computed. Anything else that frees room (an attempt that fails and will be
-    retried, a rescued lease) is found by the worker's usual poll.
+    retried, a rescued lease) is found by the worker's usual poll. Until a task's allowance
+    returns, claims pass it over without locking its row.
     """
 
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
         self._waiting_on: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._resting: dict[str, datetime] = {}
+
+    def resting(self, now: datetime) -> list[str]:
+        """Tasks whose allowance has not come back yet (other workers can only have spent more)."""
+        self._resting = {task: at for task, at in self._resting.items() if at > now}
+        return list(self._resting)
 
     def held_up(self, claimed: LimitedClaim, now: datetime) -> None:
         self._waiting_on = claimed.waiting_on
+        self._resting.update(claimed.resting)
         if claimed.room_returns_at is None:
             return
         loop = asyncio.get_running_loop()

@@ -433,12 +433,20 @@ class SqlStore:
     async def _fetch_limited(
         self, queues: Sequence[str], limit: int, limits: ClaimLimits, running: dict[str, Any], now: datetime
     ) -> list[Job]:
+        waker = self._limit_waker
         async with self._writing() as conn:
             claimed = await limited_claims.claim(
-                conn, self.dialect, queues=queues, limit=limit, limits=limits, now=now, running_values=running
+                conn,
+                self.dialect,
+                queues=queues,
+                limit=limit,
+                limits=limits,
+                now=now,
+                running_values=running,
+                resting=waker.resting(now),
             )
         # Held up by a limit, the worker sleeps until room returns rather than asking again at once.
-        self._limit_waker.held_up(claimed, now)
+        waker.held_up(claimed, now)
         jobs_claimed = [_row_to_job(row) for row in claimed.rows]
         jobs_claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
         return jobs_claimed
