@@ -80,7 +80,6 @@ async def claim(
     at (or a lock on) their rows.
     """
     queue_room: dict[str, int] = {}
-    running: dict[str, set[str]] = {}
     windows: dict[str, StartWindow] = {}
     task_room: dict[str, int] = {}
     full_queues: set[str] = set()
@@ -100,7 +99,7 @@ async def claim(
         if not locked:
             present_queues = sorted({row.queue for row in found} & limits.queues.keys())
             present_tasks = sorted({row.task for row in found} & limits.rates.keys())
-            queue_room, running = await _queue_room(conn, dialect, present_queues, limits)
+            queue_room = await _queue_room(conn, dialect, present_queues, limits)
             windows = await _lock_windows(conn, dialect, present_tasks, limits, now)
             task_room = {task: window.room for task, window in windows.items()}
             locked = True
@@ -122,9 +121,10 @@ async def claim(
         if len(found) < wanted or len(taken) == len(found):
             break
     await _record_starts(conn, windows, task_room, now)
-    claimed.waiting_on = {job_id for queue in full_queues for job_id in running[queue]} | {
-        row["id"] for row in claimed.rows if row["queue"] in full_queues
-    }
+    if full_queues:
+        # Only a claim held up by a full queue reads which jobs hold it (as many as the limit).
+        held_by = sa.select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value, jobs.c.queue.in_(full_queues))
+        claimed.waiting_on = set((await conn.execute(held_by)).scalars())
     claimed.resting = {task: at for task, window in windows.items() if (at := window.room_returns_at()) is not None}
     claimed.room_returns_at = min((claimed.resting[task] for task in out_of_allowance), default=None)
     return claimed
@@ -143,19 +143,19 @@ def _candidates(queues: Sequence[str], shut_tasks: Sequence[str], wanted: int, n
 
 async def _queue_room(
     conn: AsyncConnection, dialect: str, queues: Sequence[str], limits: ClaimLimits
-) -> tuple[dict[str, int], dict[str, set[str]]]:
-    """Each limited queue's free room, counted under its lock, and the ids of its running jobs."""
+) -> dict[str, int]:
+    """Each limited queue's free room, counted under its lock."""
     if not queues:
-        return {}, {}
+        return {}
     if dialect == "postgresql":
         await conn.execute(_LOCK_QUEUES, {"keys": sorted({queue_lock_key(queue) for queue in queues})})
-    found = await conn.execute(
-        sa.select(jobs.c.queue, jobs.c.id).where(jobs.c.state == JobState.RUNNING.value, jobs.c.queue.in_(queues))
+    counts = (
+        sa.select(jobs.c.queue, sa.func.count())
+        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.queue.in_(queues))
+        .group_by(jobs.c.queue)
     )
-    running: dict[str, set[str]] = {queue: set() for queue in queues}
-    for queue, job_id in found:
-        running[queue].add(job_id)
-    return {queue: max(0, limits.queues[queue] - len(running[queue])) for queue in queues}, running
+    running: dict[str, int] = dict((await conn.execute(counts)).all())
+    return {queue: max(0, limits.queues[queue] - running.get(queue, 0)) for queue in queues}
 
 
 async def _lock_windows(
