@@ -8,17 +8,19 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
 from opentelemetry.trace import SpanKind
 
 from conveyor import tracing
 from conveyor.backoff import DEFAULT_BACKOFF, BackoffFunction
 from conveyor.correlation import current_correlation_id
+from conveyor.engine.scheduler import schedule_statuses
 from conveyor.errors import JobNotFoundError, TaskArgumentsError, UnknownTaskError, WorkflowNotFoundError
 from conveyor.jobs import Job, JobFilter, JobState, NewJob, Page, QueueStats
 from conveyor.limits import parse_rate_limit
 from conveyor.metrics import Metrics
+from conveyor.schedules import Schedule, ScheduleOptions, ScheduleStatus, define_schedule
 from conveyor.settings import Settings, load_settings
 from conveyor.storage import Store, open_store
 from conveyor.tasks import EnqueueOptions, Task, TaskOptions
@@ -47,6 +49,7 @@ class Conveyor:
         self.clock: Callable[[], datetime] = utcnow
         self.metrics = Metrics()
         self._tasks: dict[str, Task[..., Any]] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._store: Store | None = None
         self._store_loop: asyncio.AbstractEventLoop | None = None
         self._store_lock: asyncio.Lock | None = None
@@ -154,6 +157,44 @@ class Conveyor:
             return self._tasks[name]
         except KeyError:
             raise UnknownTaskError(name, list(self._tasks)) from None
+
+    # -- schedules ----------------------------------------------------------------------
+
+    def schedule(self, task: Task[..., Any] | str, cron: str, **options: Unpack[ScheduleOptions]) -> Schedule:
+        """Enqueue ``task`` on every tick of ``cron`` (5 fields, or 6 with seconds last) in ``timezone``.
+
+        Workers enqueue each tick once, whatever their number. Options: timezone ("UTC"), name
+        (the task's), queue and priority (the task's), args and kwargs, missed ("skip" or
+        "catch_up"), catch_up_limit (100), grace (600 seconds).
+        """
+        found = self.get_task(task if isinstance(task, str) else task.name)
+        if not isinstance(task, str) and found is not task:
+            raise TypeError(f"cannot schedule task {task.name!r}: it is registered on another app")
+        schedule = define_schedule(found, cron, taken=self._schedules, **options)
+        self._schedules[schedule.name] = schedule
+        return schedule
+
+    def periodic(
+        self, cron: str, **options: Unpack[ScheduleOptions]
+    ) -> Callable[[Callable[P, R] | Task[P, R]], Task[P, R]]:
+        """Decorator: ``@app.periodic("*/5 * * * *")`` registers the function as a task (unless it
+        is one already, from ``@app.task``) and schedules it; see ``schedule`` for the options."""
+
+        def register(function: Callable[P, R] | Task[P, R]) -> Task[P, R]:
+            task = function if isinstance(function, Task) else self.task(function)
+            self.schedule(task, cron, **options)
+            return task
+
+        return register
+
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        return dict(self._schedules)
+
+    async def list_schedules(self) -> list[ScheduleStatus]:
+        """Every schedule, by name, with its next tick and the job of its latest recent tick."""
+        ordered = [self._schedules[name] for name in sorted(self._schedules)]
+        return await schedule_statuses(await self.store(), ordered, now=self.clock())
 
     # -- the store ----------------------------------------------------------------------
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(default=5.0, ge=0, le=3_600)
     """How long a cancelled sync or CPU task may take to notice before it is abandoned or killed."""
     prune_interval_seconds: float = Field(default=3_600, gt=0)
+    schedules_enabled: bool = True
+    """Workers enqueue the ticks of the app's periodic schedules on the queues they serve."""
+    schedule_interval_seconds: float = Field(default=1.0, gt=0, le=3_600)
+    """The longest a worker's scheduler sleeps between looks; it also wakes when a tick comes due."""
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
     pool_size: int = Field(default=10, ge=1, le=1_000)
     """PostgreSQL connections kept open per process."""

@@ -5,6 +5,7 @@
 - heartbeat: renews the leases of running jobs
 - rescuer: ends attempts whose lease expired, on any worker's behalf
 - pruner: deletes finished jobs past retention
+- scheduler: enqueues the due ticks of periodic schedules (``conveyor.engine.scheduler``)
 
 Shutdown (SIGTERM/SIGINT, or ``stop()``): stop claiming, let running jobs finish within the
 grace period, then cancel the rest and hand them back without burning an attempt. A second
@@ -29,6 +30,7 @@ import structlog
 from conveyor import outgoing
 from conveyor.engine.cpu import CpuPool
 from conveyor.engine.executor import Executor
+from conveyor.engine.scheduler import Scheduler
 from conveyor.errors import ConveyorError
 from conveyor.events import EventName, Events, JobEvent, log_event
 from conveyor.jobs import Ack, Job, new_job_id
@@ -84,11 +86,13 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int | None = None,
         events: Events | None = None,
+        schedules: bool | None = None,
     ) -> None:
         self.app = app
         self.settings = app.settings
         self.queues = tuple(queues or self.settings.queues)
         self.concurrency = concurrency or self.settings.concurrency
+        self.runs_schedules = self.settings.schedules_enabled if schedules is None else schedules
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[-12:]}"
         self.events = events or Events()
         self.events.subscribe(log_event)
@@ -181,6 +185,10 @@ class Worker:
             background.append(
                 asyncio.create_task(self._loop("pruner", self.settings.prune_interval_seconds, self._prune, store))
             )
+        # The schedules on this worker's queues; a drain runs what is there and must not make more.
+        schedules = [schedule for schedule in self.app.schedules.values() if schedule.queue in self.queues]
+        if self.runs_schedules and schedules and not drain:
+            background.append(asyncio.create_task(Scheduler(self.app, schedules).run()))
         acker = asyncio.create_task(self._acker(store))
         try:
             await self._produce(store, executor, drain=drain)

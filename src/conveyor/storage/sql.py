@@ -732,6 +732,29 @@ class SqlStore:
         return _row_to_job(row) if row else None
 
     @_guarded
+    async def find_idempotency_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of these idempotency keys stored jobs hold, each with its job's id (one indexed query)."""
+        if not keys:
+            return {}
+        query = sa.select(jobs.c.idempotency_key, jobs.c.id).where(jobs.c.idempotency_key.in_(list(keys)))
+        async with self._read_engine.connect() as conn:
+            return dict((await conn.execute(query)).all())
+
+    @_guarded
+    async def last_idempotency_key(self, prefix: str, *, length: int) -> str | None:
+        """The greatest stored idempotency key that starts with ``prefix`` and is ``length`` long.
+
+        For keys that end in a fixed-width timestamp, the latest one. No index serves a prefix
+        under every PostgreSQL collation, so this may read the whole table: it is for rare use.
+        """
+        key = jobs.c.idempotency_key
+        query = sa.select(sa.func.max(key)).where(
+            sa.func.substr(key, 1, len(prefix)) == prefix, sa.func.length(key) == length
+        )
+        async with self._read_engine.connect() as conn:
+            return (await conn.execute(query)).scalar()
+
+    @_guarded
     async def list_jobs(self, job_filter: JobFilter, *, cursor: str | None = None, limit: int = 50) -> Page:
         """Newest first. The cursor is the last id seen, so pages stay stable as jobs are added."""
         query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit + 1)
