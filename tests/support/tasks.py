@@ -134,3 +134,9 @@ async def fails_without_marker(marker: str) -> str:
     if not Path(marker).exists():
         raise RuntimeError(f"marker {marker} does not exist yet")
     return "marker found"
+
+
+@app.periodic("* * * * * *", queue="ticks", missed="catch_up")
+async def every_second(ctx: JobContext = CONTEXT) -> None:
+    """A tick job every second, made only by workers serving the ``ticks`` queue, so other tests see none."""
+    record(f"tick {ctx.job_id}")
