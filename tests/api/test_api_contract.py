@@ -36,6 +36,7 @@ OPERATIONS = (
     "POST /workflows",
     "GET /workflows/{workflow_id}",
     "GET /queues",
+    "GET /schedules",
     "GET /tasks",
     "GET /health",
     "GET /ready",
@@ -76,6 +77,7 @@ def contract(database_url: str) -> Contract:
     """The app's schema, with its lifespan running and a token required (as in production)."""
     conveyor = Conveyor(database_url=database_url, poll_interval_seconds=0.05, shutdown_grace_seconds=0.5)
     register_tasks(conveyor, Controls())
+    conveyor.schedule("add", "* * * * * */10", kwargs={"a": 1, "b": 2})  # so GET /schedules has one to describe
     token = asyncio.run(_admin_token(conveyor))
     # schemathesis sends the token where the schema's HTTPBearer scheme says, and checks that
     # requests without it are refused.

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from conveyor.api.correlation import BodyLimitMiddleware, CorrelationMiddleware
 from conveyor.api.deps import AuthGate
 from conveyor.api.errors import install_error_handlers
-from conveyor.api.routes import jobs, system, workflows
+from conveyor.api.routes import jobs, schedules, system, workflows
 from conveyor.api.telemetry import TelemetryMiddleware
 from conveyor.api.watch import JobWatcher
 from conveyor.app import Conveyor
@@ -65,6 +65,7 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
     install_error_handlers(api)
     api.include_router(system.router)
     api.include_router(jobs.router)
+    api.include_router(schedules.router)
     api.include_router(workflows.router)
     # Added innermost first: telemetry wraps everything, then the correlation id exists
     # before a size check can answer 413.

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from conveyor.jobs import AttemptRecord, Job, JobError
+from conveyor.schedules import ScheduleStatus
 from conveyor.workflows import Workflow
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
@@ -190,6 +191,35 @@ class TaskPublic(Strict):
 
 class TasksPublic(Strict):
     tasks: list[TaskPublic]
+
+
+class SchedulePublic(Strict):
+    name: str
+    task: str
+    cron: str = Field(description="Five fields, or six with seconds last, read in `timezone`.")
+    timezone: str = Field(description="An IANA time zone, e.g. `Europe/Paris`.")
+    queue: str
+    priority: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    missed: Literal["skip", "catch_up"] = Field(
+        description="Ticks that passed with no worker up: only the latest is enqueued, or all of them."
+    )
+    catch_up_limit: int = Field(description="With `catch_up`: the most missed ticks enqueued (the latest).")
+    grace_seconds: float = Field(description="How late a tick may still be enqueued when none was known missed.")
+    next_run_at: datetime = Field(description="The next tick.")
+    last_tick_at: datetime | None = Field(
+        description="The latest of the schedule's last 10 ticks that has a job; null if none has."
+    )
+    last_job_id: str | None = Field(description="That tick's job.")
+
+    @classmethod
+    def of(cls, status: ScheduleStatus) -> SchedulePublic:
+        return cls.model_validate(status.to_json())
+
+
+class SchedulesPublic(Strict):
+    schedules: list[SchedulePublic] = Field(description="Sorted by name.")
 
 
 class Health(Strict):
