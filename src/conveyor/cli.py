@@ -36,17 +36,18 @@ from conveyor.errors import (
     ConfigError,
     ConveyorError,
     JobNotFoundError,
-    WorkflowNotFoundError,
     JobStateError,
     StorageError,
     TaskError,
+    WorkflowNotFoundError,
 )
 from conveyor.jobs import Job, JobState, TokenRecord
-from conveyor.workflows import Workflow, WorkflowState
 from conveyor.log import configure_logging
 from conveyor.metrics import CONTENT_TYPE
+from conveyor.schedules import ScheduleStatus
 from conveyor.tokens import NewToken, Scope, create_token
 from conveyor.tracing import configure_tracing
+from conveyor.workflows import Workflow, WorkflowState
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -272,8 +273,18 @@ def cli(database_url: str | None) -> None:
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Jobs run at once (default: setting).")
 @click.option("--metrics-port", type=click.IntRange(0, 65_535), help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+@click.option(
+    "--schedules/--no-schedules",
+    default=None,
+    help="Enqueue the ticks of periodic tasks on these queues (default: on; CONVEYOR_SCHEDULES_ENABLED).",
+)
 def worker(
-    app: Conveyor, queues: str | None, concurrency: int | None, metrics_port: int | None, metrics_host: str
+    app: Conveyor,
+    queues: str | None,
+    concurrency: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    schedules: bool | None,
 ) -> None:
     """Run jobs until SIGTERM/SIGINT (a second signal stops at once)."""
     from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
@@ -301,7 +312,7 @@ def worker(
             metrics_server = _QuietServer(config)
         serving = asyncio.create_task(metrics_server.serve()) if metrics_server else None
         try:
-            await Worker(app, queues=queue_list, concurrency=concurrency).run(handle_signals=True)
+            await Worker(app, queues=queue_list, concurrency=concurrency, schedules=schedules).run(handle_signals=True)
         finally:
             if metrics_server is not None and serving is not None:
                 metrics_server.should_exit = True
@@ -597,6 +608,49 @@ def dlq_replay(
             errors.print(f"[red]error:[/] {escape(problem)}", highlight=False)
     if problems:
         sys.exit(EXIT_CONFLICT)
+
+
+@cli.group()
+def schedules() -> None:
+    """Periodic tasks: what runs when."""
+
+
+@schedules.command("list")
+@_with_app
+@JSON_OPTION
+def schedules_list(app: Conveyor, as_json: bool) -> None:
+    """List the app's schedules: cron, time zone, next run, and the job of the latest tick."""
+
+    async def fetch() -> list[ScheduleStatus]:
+        try:
+            return await app.list_schedules()
+        finally:
+            await app.close()
+
+    found = run_async(fetch())
+    if as_json:
+        _emit_json({"schedules": [status.to_json() for status in found]})
+        return
+    table = Table(title=f"{len(found)} schedules", title_justify="left")
+    for column in ("name", "task", "cron", "timezone", "queue", "missed"):
+        table.add_column(column, overflow="fold")
+    # Times and ids stay whole on one line, to be read at a glance and copied.
+    for column in ("next run", "last tick", "last job"):
+        table.add_column(column, no_wrap=True)
+    for status in found:
+        schedule = status.schedule
+        table.add_row(
+            escape(schedule.name),
+            escape(schedule.task),
+            escape(schedule.cron.expression),
+            escape(schedule.cron.timezone),
+            escape(schedule.queue),
+            schedule.missed,
+            _when(status.next_run_at),
+            _when(status.last_tick_at),
+            status.last_job_id or "-",
+        )
+    console.print(table)
 
 
 @cli.group()

@@ -30,7 +30,7 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ import pytest
 import tests.support
 from click.testing import CliRunner, Result
 
-from conveyor import Conveyor, Step, Workflow, chain
+from conveyor import Conveyor, Job, Step, Workflow, chain
 from conveyor.cli import cli
+from conveyor.engine.scheduler import Scheduler
 from conveyor.storage.migrate import VERSION_TABLE, head_revision
 from conveyor.testing import drain
 
@@ -151,6 +152,7 @@ def tables(database_url: str) -> set[str]:
         (["jobs", "--help"], ["show", "list"]),
         (["dlq", "--help"], ["list", "replay"]),
         (["db", "--help"], ["upgrade", "downgrade", "current", "prune"]),
+        (["schedules", "--help"], ["list"]),
     ],
 )
 def test_help_lists_the_subcommands(run: Cli, args: list[str], expected: list[str]) -> None:
@@ -894,3 +896,54 @@ def test_workflows_show_unknown_id_exits_3(run: Cli) -> None:
 
     assert result.exit_code == 3
     assert flat(result.stderr) == "error: no workflow with id 'no-such-workflow'"
+
+
+# -- schedules -------------------------------------------------------------------------------
+
+
+def test_schedules_list_shows_each_schedule_with_its_next_run_and_latest_job(run: Cli, tasks_app: Conveyor) -> None:
+    now = datetime(2026, 1, 5, 8, 0, 0, 500_000, tzinfo=UTC)
+    tasks_app.clock = lambda: now
+    (tick_job,) = asyncio.run(_enqueue_due_ticks(tasks_app))
+
+    listed = run.json("schedules", "list", "--app", APP)["schedules"]
+
+    assert listed == [
+        {
+            "name": "every_second",
+            "task": "every_second",
+            "cron": "* * * * * *",
+            "timezone": "UTC",
+            "queue": "ticks",
+            "priority": 0,
+            "args": [],
+            "kwargs": {},
+            "missed": "catch_up",
+            "catch_up_limit": 100,
+            "grace_seconds": 600.0,
+            "next_run_at": "2026-01-05T08:00:01+00:00",
+            "last_tick_at": "2026-01-05T08:00:00+00:00",
+            "last_job_id": tick_job.id,
+        }
+    ]
+
+
+def test_schedules_list_for_people_is_a_table(run: Cli, tasks_app: Conveyor) -> None:
+    result = run("schedules", "list", "--app", APP)
+
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert out.startswith("1 schedules")
+    for cell in ("every_second", "* * * * * *", "UTC", "ticks", "catch_up"):
+        assert cell in out
+
+
+def test_schedules_list_of_an_app_without_schedules_is_empty(run: Cli) -> None:
+    assert run.json("schedules", "list") == {"schedules": []}
+
+
+async def _enqueue_due_ticks(app: Conveyor) -> list[Job]:
+    try:
+        return await Scheduler(app, list(app.schedules.values())).enqueue_due()
+    finally:
+        await app.close()

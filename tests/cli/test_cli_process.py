@@ -159,3 +159,18 @@ def test_dead_job_replayed_from_the_dlq_is_run_to_success_by_the_worker(
     job = json.loads(finished.stdout)
     assert (job["state"], job["result"], job["attempt"]) == ("succeeded", "marker found", 1)
     assert [record["outcome"] for record in job["history"]] == ["failed", "succeeded"]
+
+
+@pytest.mark.integration
+def test_worker_with_no_schedules_runs_jobs_but_makes_no_ticks(tmp_path: Path, database_url: str) -> None:
+    # tests.support.tasks schedules `every_second` on the ticks queue, which this worker serves.
+    worker = WorkerProcess(tmp_path / "worker.log", database_url, ["--queues", "ticks", "--no-schedules"])
+    try:
+        ran = conveyor(database_url, "enqueue", "--app", APP, "noop", "--args", "[1]", "--queue", "ticks", *WAIT)
+        ticks = conveyor(database_url, "jobs", "list", "--task", "every_second", "--json")
+    finally:
+        assert worker.stop() == 0
+
+    assert ran.returncode == 0, ran.stderr + worker.log_text()
+    assert json.loads(ticks.stdout)["jobs"] == []
+    assert "scheduler.started" not in worker.log_text()
