@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.support import postgres
 
 from conveyor.errors import SchemaError
 from conveyor.jobs import NewJob
@@ -76,14 +77,18 @@ async def test_migrated_schema_matches_the_declared_metadata(engine: AsyncEngine
 
 
 @pytest.mark.postgres
-async def test_migrated_postgres_schema_matches_the_declared_metadata(postgres_database: str) -> None:
-    """The run's PostgreSQL database was built by the migrations (conftest): it must be schema.py's."""
-    created = dialects.create_engine(Settings(database_url=postgres_database))
+@pytest.mark.usefixtures("postgres_database")  # the server is reachable, or the test is skipped
+async def test_migrated_postgres_schema_matches_the_declared_metadata() -> None:
+    """A database of its own: the run's shared one also holds other tests' tables."""
+    name = await postgres.create_database("conveyor_migrations")
+    created = dialects.create_engine(Settings(database_url=postgres.database_url(name)))
     try:
+        await migrate.upgrade(created)
         async with created.connect() as conn:
             differences = await conn.run_sync(_schema_differences)
     finally:
         await created.dispose()
+        await postgres.drop_database(name)
 
     assert differences == []
 
