@@ -277,7 +277,7 @@ async def test_replaying_a_step_cancelled_before_its_turn_waits_for_its_dependen
     add = app.tasks["add"]
     try:
         workflow = await chain(add.step(1, 1), add.step(10), add.step(100)).enqueue()
-        first, second, third = workflow.jobs
+        _, second, third = workflow.jobs
         await app.cancel_job(second.id)
         assert (await app.get_job(third.id)).state is JobState.CANCELLED
 
