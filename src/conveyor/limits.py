@@ -92,7 +92,6 @@ class StartWindow:
         # Kept for a second window: a claim that read the clock a moment before this one may
         # still count them (workers' clocks and lock waits are not perfectly in step).
         self.slots = sorted([int(end), int(started)] for end, started in stored if end + 2 * self._window > self._now)
-        self.spent = 0
 
     def _counted(self) -> list[list[int]]:
         return [slot for slot in self.slots if self._now < slot[0] + self._window]
@@ -111,7 +110,6 @@ class StartWindow:
         else:
             self.slots.append([end, started])
             self.slots.sort()
-        self.spent += started
 
     def room_returns_at(self) -> datetime | None:
         """When at least one attempt may start again; None if one may start now."""
