@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import structlog
+
+
+class CancelFlag:
+    """Raised once when a user cancels the running job; read from the task's thread.
+
+    A plain attribute rather than a ``threading.Event``: a worker makes one per job, nobody
+    waits on it, and under the GIL a bool written by one thread is seen by the others.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +42,7 @@ class JobContext:
     attempt: int
     max_attempts: int
     correlation_id: str | None = None
-    cancel_event: threading.Event | None = field(default=None, repr=False, compare=False)
+    cancel_event: CancelFlag | None = field(default=None, repr=False, compare=False)
     """Set when a user cancels the running job (not there in a CPU task's process)."""
     progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False, compare=False)
 

@@ -252,6 +252,9 @@ class Task(Generic[P, R]):
 
     def from_json_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Turn stored JSON arguments back into the annotated types for the call."""
+        if not args and not kwargs:
+            # Nothing to revive (checked when enqueued); a missing argument still fails the call.
+            return [], {}
         return self._convert(args, kwargs, to_json=False)
 
     def arguments_schema(self) -> dict[str, Any]:

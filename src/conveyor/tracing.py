@@ -56,9 +56,21 @@ def current_context_carrier() -> dict[str, str] | None:
     return carrier or None
 
 
+def tracing_installed() -> bool:
+    """Whether any tracer provider was installed (by Conveyor or the application)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 @contextlib.contextmanager
 def attempt_span(job: Job, worker: str) -> Generator[Span]:
-    """The span of one attempt: a child of the enqueue's trace, and linked to the enqueue."""
+    """The span of one attempt: a child of the enqueue's trace, and linked to the enqueue.
+
+    With no tracer provider installed every span would be a no-op, yet building one (context
+    extraction, attributes, attach and detach) costs more than a no-op job: skip it.
+    """
+    if not tracing_installed():
+        yield trace.INVALID_SPAN
+        return
     parent = propagate.extract(job.trace_context or {})
     enqueue = trace.get_current_span(parent).get_span_context()
     links = [Link(enqueue)] if enqueue.is_valid else []

@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from conveyor import outgoing, tracing
 from conveyor.backoff import DEFAULT_BACKOFF
-from conveyor.context import JobContext
+from conveyor.context import CancelFlag, JobContext
 from conveyor.correlation import correlated
 from conveyor.engine.cpu import CpuPool, ProcessCrashedError, RemoteFailure
 from conveyor.errors import PermanentError, UnknownTaskError
@@ -60,7 +60,7 @@ class Executor:
     async def execute(
         self,
         job: Job,
-        cancel_event: threading.Event | None = None,
+        cancel_event: CancelFlag | None = None,
         progress_sink: Callable[[float, str | None], None] | None = None,
     ) -> Ack:
         """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back.
@@ -85,7 +85,7 @@ class Executor:
     async def _attempt(
         self,
         job: Job,
-        cancel_event: threading.Event | None,
+        cancel_event: CancelFlag | None,
         progress_sink: Callable[[float, str | None], None] | None,
     ) -> Ack:
         started_at = self._clock()
@@ -130,7 +130,7 @@ class Executor:
         self,
         task: Task[..., Any],
         job: Job,
-        cancel_event: threading.Event | None,
+        cancel_event: CancelFlag | None,
         progress_sink: Callable[[float, str | None], None] | None,
     ) -> Any:
         context = JobContext(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from conveyor import outgoing
+from conveyor.context import CancelFlag
 from conveyor.engine.cpu import CpuPool
 from conveyor.engine.executor import Executor
 from conveyor.engine.scheduler import Scheduler
@@ -54,7 +55,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
     cancel_requested: bool = False
-    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_event: CancelFlag = field(default_factory=CancelFlag)
     progress: dict[str, Any] | None = None
     progress_written: dict[str, Any] | None = None
 

@@ -249,6 +249,21 @@ class SqlStore:
                 return self._inserted(new_jobs, rows, [_row_to_job(row) for row in existing])
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
+        if (
+            connection is None
+            and self.dialect == "postgresql"
+            and not any(new.idempotency_key or new.unique_key for new in new_jobs)
+        ):
+            # Nothing to look up afterwards: the rows and their NOTIFY go in one autocommit
+            # statement, one round trip however many jobs (and no BEGIN/COMMIT around it).
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            async with self._read_engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                await postgres.insert_in_one_statement(raw.driver_connection, rows)
+            if runnable_queues:
+                self._work_added.set()
+            return [_row_to_job(row) for row in rows]
         if connection is None and self.dialect == "postgresql":
             async with self._writing() as conn:
                 # The driver's own pipelined executemany: several times faster for big batches
@@ -417,6 +432,24 @@ class SqlStore:
         }
         if limits is not None:
             return await self._fetch_limited(queues, limit, limits, running, now)
+        if self.dialect == "postgresql":
+            # One autocommit statement: the claim is atomic on its own, and skipping BEGIN and
+            # COMMIT takes two round trips off every wake-up-to-start.
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            async with self._read_engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                rows = await postgres.claim_in_one_statement(
+                    raw.driver_connection,
+                    queues=queues,
+                    limit=limit,
+                    lease_owner=lease_owner,
+                    lease_expires_at=running["lease_expires_at"],
+                    now=now,
+                )
+            claimed = [_row_to_job(row) for row in rows]
+            claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
+            return claimed
         due = (
             sa.select(jobs.c.id)
             .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
