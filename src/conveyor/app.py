@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -377,9 +378,11 @@ class Conveyor:
             else:
                 stored = await store.insert_jobs(batch, now=self.clock(), connection=connection)
         if self.settings.metrics_enabled:
-            for new, job in zip(batch, stored, strict=True):
-                if job.id == new.id:
-                    self.metrics.enqueued.labels(job.queue, job.task).inc()
+            added = collections.Counter(
+                (job.queue, job.task) for new, job in zip(batch, stored, strict=True) if job.id == new.id
+            )
+            for (queue, task), count in added.items():
+                self.metrics.enqueued.labels(queue, task).inc(count)
         return stored
 
     # -- reading and operating ------------------------------------------------------------

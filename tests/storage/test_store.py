@@ -163,6 +163,18 @@ async def test_insert_many_stores_every_job_and_returns_them_in_order(store: Sto
     assert sorted(job.id for job in await all_jobs(store)) == sorted(item.id for item in batch)
 
 
+async def test_awkward_json_survives_insert_and_claim_exactly(store: Store) -> None:
+    awkward = [2**70, -(2**63), 1.5, 'naïve ☃ "quoted"', None, {"nested": [None, True, {"k": "v"}]}, []]
+    (job,) = await insert(store, new(args=awkward, kwargs={"null": None, "big": 2**64}))
+
+    (claimed,) = await store.fetch_jobs(queues=["default"], limit=1, lease_owner="w#1", lease_seconds=30, now=T0)
+
+    assert claimed.id == job.id
+    assert claimed.args == awkward
+    assert claimed.kwargs == {"null": None, "big": 2**64}
+    assert claimed.trace_context is None
+
+
 async def test_insert_many_is_one_transaction_so_one_bad_job_stores_none(store: Store) -> None:
     # max_attempts=0 breaks a CHECK constraint: the valid jobs in the same batch must not land either.
     with pytest.raises(StorageError):

@@ -236,7 +236,7 @@ def _plain(value: Any) -> Any:
 # where BEGIN, the statement, a NOTIFY and COMMIT cost four. An enqueue or a claim is then about
 # one commit's latency, which is what an idle worker's wake-up to start time is made of.
 
-_COLUMN_TYPES = {
+_RECORD_TYPES = {
     "priority": "int",
     "attempt": "int",
     "max_attempts": "int",
@@ -244,33 +244,38 @@ _COLUMN_TYPES = {
     "run_at": "timestamptz",
     "created_at": "timestamptz",
     "updated_at": "timestamptz",
+    **dict.fromkeys(_JSON_COLUMNS, "jsonb"),
 }
 
 
 def _bulk_insert_sql() -> str:
-    arrays = ", ".join(
-        f"${index}::{'text' if column in _JSON_COLUMNS else _COLUMN_TYPES.get(column, 'text')}[]"
-        for index, column in enumerate(_INSERT_COLUMNS, start=1)
-    )
-    values = ", ".join(f"r.{column}::jsonb" if column in _JSON_COLUMNS else f"r.{column}" for column in _INSERT_COLUMNS)
     names = ", ".join(_INSERT_COLUMNS)
+    record = ", ".join(f"{column} {_RECORD_TYPES.get(column, 'text')}" for column in _INSERT_COLUMNS)
     return (
         f"WITH inserted AS (INSERT INTO conveyor_jobs ({names}) "  # noqa: S608 - constant columns
-        f"SELECT {values} FROM unnest({arrays}) AS r({names}) ON CONFLICT DO NOTHING RETURNING queue, state) "
+        f"SELECT {names} FROM jsonb_to_recordset($1::text::jsonb) AS r({record}) "
+        "ON CONFLICT DO NOTHING RETURNING queue, state) "
         f"SELECT pg_notify('{JOBS_CHANNEL}', queue) FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'queued') q"
     )
 
 
 _BULK_INSERT_SQL = _bulk_insert_sql()
+_TIME_COLUMNS = {"run_at", "created_at", "updated_at"}
 
 
 async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert job rows (without idempotency or unique keys) and announce their queues, in one statement."""
-    columns = [
-        [_json_text(row[column]) if column in _JSON_COLUMNS else _plain(row[column]) for row in rows]
-        for column in _INSERT_COLUMNS
+    """Insert job rows (without idempotency or unique keys) and announce their queues, in one statement.
+
+    The batch travels as one JSON document that the server unpacks: orjson writes it far faster
+    than the driver encodes a column array per field, and a JSON null arrives as SQL NULL.
+    """
+    # Times as ISO text, so that the json module's fallback (for what orjson refuses, such as an
+    # integer beyond 64 bits in the arguments) can write the batch too.
+    batch = [
+        {column: row[column].isoformat() if column in _TIME_COLUMNS else row[column] for column in _INSERT_COLUMNS}
+        for row in rows
     ]
-    await connection.execute(_BULK_INSERT_SQL, *columns)
+    await connection.execute(_BULK_INSERT_SQL, dumps(batch))
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
