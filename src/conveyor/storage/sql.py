@@ -599,6 +599,11 @@ class SqlStore:
 
     async def _apply_acks_at_once(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         """Every ack of the batch in one statement: one round trip however large the batch."""
+        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {**self._ack_columns(acks, now), "now": now})
+        return set(rows.scalars())
+
+    @staticmethod
+    def _ack_columns(acks: Sequence[Ack], now: datetime) -> dict[str, list[Any]]:
         columns: dict[str, list[Any]] = {
             "ids": [],
             "owners": [],
@@ -620,8 +625,7 @@ class SqlStore:
             columns["finished"].append(now if ack.state in FINISHED_STATES else None)
             columns["deltas"].append(ack.attempt_delta)
             columns["entries"].append(_json_text(ack.record.to_json()))
-        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {**columns, "now": now})
-        return set(rows.scalars())
+        return columns
 
     @_guarded
     async def ack_jobs(self, acks: Sequence[Ack], *, now: datetime) -> set[str]:
@@ -632,6 +636,21 @@ class SqlStore:
         """
         if not acks:
             return set()
+        if self.dialect == "postgresql" and all(
+            ack.state in FINISHED_STATES and ack.workflow_id is None for ack in acks
+        ):
+            # The common batch (jobs that finished, in no workflow) needs no follow-up statement:
+            # the acks and their NOTIFY go in one autocommit statement, one round trip in all.
+            from conveyor.storage.postgres import FINISHED_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+
+            async with self._read_engine.connect() as conn:
+                rows = await conn.execute(
+                    dialects.POSTGRES_BULK_ACK_AND_NOTIFY,
+                    {**self._ack_columns(acks, now), "now": now, "channel": FINISHED_CHANNEL},
+                )
+                applied = set(rows.scalars())
+            self._announce_finished(applied)
+            return applied
         async with self._writing() as conn:
             applied, moved = await self._apply_acks(conn, acks, now)
             finished = ({ack.job_id for ack in acks if ack.state in FINISHED_STATES} & applied) | moved.finished
