@@ -197,10 +197,17 @@ async def insert_on_asyncpg(connection: Any, rows: Sequence[Mapping[str, Any]]) 
     # JSON columns come back as text whatever codecs the connection has (SQLAlchemy's decode
     # jsonb, a bare asyncpg connection does not), and are decoded here, once.
     found = await connection.fetch(_EXISTING_SQL, keys, unique_keys)
-    return [
-        {name: loads(value) if name in _ALL_JSON and value is not None else value for name, value in record.items()}
-        for record in found
-    ]
+    return [_decoded(record) for record in found]
+
+
+def _decoded(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A fetched row with its JSON columns (selected as text) decoded."""
+    row = dict(record)
+    for name in _ALL_JSON:
+        value = row.get(name)
+        if value is not None:
+            row[name] = loads(value)
+    return row
 
 
 _ALL_COLUMNS = (
@@ -295,7 +302,4 @@ async def claim_in_one_statement(
 ) -> list[dict[str, Any]]:
     """Claim up to ``limit`` due jobs in one statement; return their rows with JSON decoded."""
     found = await connection.fetch(_CLAIM_SQL, lease_owner, lease_expires_at, now, list(queues), limit)
-    return [
-        {name: loads(value) if name in _ALL_JSON and value is not None else value for name, value in record.items()}
-        for record in found
-    ]
+    return [_decoded(record) for record in found]
