@@ -49,11 +49,13 @@ class AuthGate:
         return self._required
 
 
-def get_conveyor(request: Request) -> Conveyor:
+# Async, though they only read app.state: FastAPI runs a plain-def dependency in its thread pool,
+# a thread hop per dependency per request.
+async def get_conveyor(request: Request) -> Conveyor:
     return request.app.state.conveyor
 
 
-def get_watcher(request: Request) -> JobWatcher:
+async def get_watcher(request: Request) -> JobWatcher:
     return request.app.state.watcher
 
 
