@@ -93,21 +93,11 @@ def _operation(schema: BaseSchema, label: str) -> APIOperation:
     return operation
 
 
-def _known_job_ids(contract: Contract) -> list[str]:
-    """Real jobs (done, dead, scheduled, ...) so the job routes answer more than 404."""
-    submit = _operation(contract.schema, "POST /jobs")
+def _submitted_ids(contract: Contract, label: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Real jobs or workflows (done, dead, scheduled, ...) so the routes that read them answer more than 404."""
+    submit = _operation(contract.schema, label)
     ids = []
-    for body in GOOD_JOBS:
-        response = submit.Case(body=body).call(headers=bearer(contract.token))
-        assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
-    return ids
-
-
-def _known_workflow_ids(contract: Contract) -> list[str]:
-    submit = _operation(contract.schema, "POST /workflows")
-    ids = []
-    for body in GOOD_WORKFLOWS:
+    for body in bodies:
         response = submit.Case(body=body).call(headers=bearer(contract.token))
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
@@ -121,12 +111,12 @@ def _strategy(contract: Contract, operation: APIOperation) -> st.SearchStrategy[
         query = {"wait": 0.05} if operation.label == "GET /jobs/{job_id}" else None
         strategies += [
             operation.as_strategy(path_parameters={"job_id": job_id}, query=query)
-            for job_id in _known_job_ids(contract)
+            for job_id in _submitted_ids(contract, "POST /jobs", GOOD_JOBS)
         ]
     if "workflow_id" in operation.path:
         strategies += [
             operation.as_strategy(path_parameters={"workflow_id": workflow_id}, query={"wait": 0.05})
-            for workflow_id in _known_workflow_ids(contract)
+            for workflow_id in _submitted_ids(contract, "POST /workflows", GOOD_WORKFLOWS)
         ]
     if operation.label == "POST /workflows":
         strategies += [operation.as_strategy(body=body) for body in GOOD_WORKFLOWS]
