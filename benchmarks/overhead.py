@@ -42,6 +42,17 @@ async def _fresh_database(backend: str, folder: Path, run: int) -> str:
     return SERVER.rsplit("/", 1)[0] + f"/{name}"
 
 
+async def _drop_database(backend: str, url: str) -> None:
+    """Leave the server as found: each run's database goes once measured."""
+    if backend != "postgresql":
+        return
+    connection = await asyncpg.connect(SERVER)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
 async def one_run(database_url: str, jobs: int, *, observed: bool, log_path: Path) -> float:
     app = Conveyor(
         database_url=database_url,
@@ -83,7 +94,11 @@ async def main() -> None:
                 for mode in ("off", "on"):
                     run += 1
                     url = await _fresh_database(backend, Path(folder), run)
-                    rate = await one_run(url, options.jobs, observed=mode == "on", log_path=Path(folder) / "log.json")
+                    try:
+                        log_path = Path(folder) / "log.json"
+                        rate = await one_run(url, options.jobs, observed=mode == "on", log_path=log_path)
+                    finally:
+                        await _drop_database(backend, url)
                     rates[mode].append(rate)
             off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
             report[backend] = {
