@@ -19,6 +19,7 @@ the workflow goes on from there.
 
 from __future__ import annotations
 
+import collections
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import TaskArgumentsError
-from conveyor.jobs import FINISHED_STATES, Job, JobState, NewJob, new_job_id
+from conveyor.jobs import Job, JobState, NewJob, new_job_id
 
 if TYPE_CHECKING:
     from conveyor.tasks import EnqueueOptions, Task
@@ -153,18 +154,21 @@ class Workflow:
 
     @property
     def state(self) -> WorkflowState:
-        states = [job.state for job in self.jobs]
-        if JobState.DEAD in states:
+        if any(job.state is JobState.DEAD for job in self.jobs):
             return WorkflowState.FAILED
-        cancelled_by_user = any(
+        if any(
             job.state is JobState.CANCELLED and (job.error is None or job.error.type != DEPENDENCY_FAILED)
             for job in self.jobs
-        )
-        if cancelled_by_user and all(state in FINISHED_STATES for state in states):
+        ):
             return WorkflowState.CANCELLED
-        if all(state is JobState.SUCCEEDED for state in states):
+        if all(job.state is JobState.SUCCEEDED for job in self.jobs):
             return WorkflowState.SUCCEEDED
-        return WorkflowState.CANCELLED if cancelled_by_user else WorkflowState.RUNNING
+        return WorkflowState.RUNNING
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Steps by state."""
+        return dict(collections.Counter(job.state.value for job in self.jobs))
 
     @property
     def finished(self) -> bool:
@@ -179,9 +183,6 @@ class Workflow:
         return resolve(self.output, {job.id: job.result for job in self.jobs})
 
     def to_json(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for job in self.jobs:
-            counts[job.state.value] = counts.get(job.state.value, 0) + 1
         return {
             "id": self.id,
             "name": self.name,
@@ -189,7 +190,7 @@ class Workflow:
             "created_at": self.created_at.isoformat(),
             "correlation_id": self.correlation_id,
             "result": self.result,
-            "counts": counts,
+            "counts": self.counts,
             "structure": self.structure,
             "jobs": [job.to_json() for job in self.jobs],
         }

@@ -124,3 +124,12 @@ async def test_a_workflow_over_the_step_limit_is_refused(make_conveyor: Any) -> 
 
     error = assert_envelope(response, 422, "invalid_job")
     assert error["details"] == ["the workflow has 4 steps; this server takes at most 3"]
+
+
+def test_a_workflow_body_validates_from_models_as_well_as_from_json() -> None:
+    from conveyor.api.schemas import ChainSpec, StepSpec, WorkflowCreate  # noqa: PLC0415 - this test only
+
+    built = WorkflowCreate(workflow=ChainSpec(chain=[StepSpec(task="add", args=[1, 2]), StepSpec(task="total")]))
+    parsed = WorkflowCreate.model_validate({"workflow": {"chain": [step("add", 1, 2), step("total")]}})
+
+    assert built == parsed

@@ -262,12 +262,10 @@ class ChordSpec(Strict):
 
 
 def _node_kind(value: Any) -> str | None:
+    """Which kind of node: the key a JSON object carries, or the model an object already is."""
     if isinstance(value, dict):
-        for kind in ("task", "chain", "group", "chord"):
-            if kind in value:
-                return kind
-        return None
-    return getattr(value, "kind", None)
+        return next((kind for kind in ("task", "chain", "group", "chord") if kind in value), None)
+    return {StepSpec: "task", ChainSpec: "chain", GroupSpec: "group", ChordSpec: "chord"}.get(type(value))
 
 
 NodeSpec = Annotated[
@@ -301,7 +299,6 @@ class WorkflowPublic(Strict):
 
     @classmethod
     def of(cls, workflow: Workflow) -> WorkflowPublic:
-        summary = workflow.to_json()
         return cls(
             id=workflow.id,
             name=workflow.name,
@@ -309,7 +306,7 @@ class WorkflowPublic(Strict):
             created_at=workflow.created_at,
             correlation_id=workflow.correlation_id,
             result=workflow.result,
-            counts=summary["counts"],
+            counts=workflow.counts,
             structure=workflow.structure,
             jobs=[JobPublic.of(job) for job in workflow.jobs],
         )
