@@ -252,6 +252,20 @@ async def test_fetch_claims_only_from_the_queues_asked_for(store: Store) -> None
     assert left.queue == "default"
 
 
+async def test_fetch_across_queues_takes_the_best_of_all_of_them_up_to_the_limit(store: Store) -> None:
+    await insert(
+        store,
+        *(new(args=[f"emails-{p}"], queue="emails", priority=p) for p in (1, 8, 3)),
+        *(new(args=[f"reports-{p}"], queue="reports", priority=p) for p in (9, 2, 7)),
+    )
+
+    first = await claim(store, queues=["emails", "reports"], limit=3)
+    rest = await claim(store, queues=["reports", "emails"], limit=10)
+
+    assert [job.args for job in first] == [["reports-9"], ["emails-8"], ["reports-7"]]
+    assert [job.args for job in rest] == [["emails-3"], ["reports-2"], ["emails-1"]]
+
+
 async def test_fetch_skips_jobs_that_are_not_yet_due(store: Store) -> None:
     (job,) = await insert(store, new(run_at=T0 + timedelta(minutes=1)))
 

@@ -85,7 +85,12 @@ def create_engine(settings: Settings) -> AsyncEngine:
         connect_args={
             "timeout": min(settings.statement_timeout_seconds, 30.0),
             "command_timeout": settings.statement_timeout_seconds,
-            "server_settings": {"application_name": "conveyor"},
+            # No bitmap scans: on a table whose statistics lag (a bulk enqueue, autovacuum behind or
+            # off), the planner takes a few due jobs for granted and reads the runnable index as a
+            # bitmap, then sorts every due job to claim a hundred. The claim must walk the index
+            # in order and stop at its limit, whatever the statistics say; Conveyor's other
+            # queries are key lookups and index ranges that a plain index scan serves as well.
+            "server_settings": {"application_name": "conveyor", "enable_bitmapscan": "off"},
         },
     )
 
@@ -233,3 +238,26 @@ POSTGRES_BULK_ACK_AND_NOTIFY = sa.text(
     "(SELECT id, (row_number() OVER ()) / 200 AS chunk FROM acked) AS numbered GROUP BY chunk) "
     "SELECT acked.id FROM acked CROSS JOIN (SELECT count(*) FROM notified) AS sent"
 )
+
+
+# Acks for SQLite, all in one statement: the batch travels as one JSON array that json_each
+# unpacks, so a batch costs one call into the database thread, not one per ack. The JSON columns
+# arrive as JSON text inside the batch and are stored as that text; the fence is the same.
+SQLITE_BULK_ACK = sa.text("""
+    UPDATE conveyor_jobs SET
+        state = json_extract(ack.value, '$.state'),
+        result = json_extract(ack.value, '$.result'),
+        error = json_extract(ack.value, '$.error'),
+        run_at = COALESCE(json_extract(ack.value, '$.run_at'), conveyor_jobs.run_at),
+        finished_at = json_extract(ack.value, '$.finished_at'),
+        attempt = conveyor_jobs.attempt + json_extract(ack.value, '$.delta'),
+        history = json_insert(conveyor_jobs.history, '$[#]', json(json_extract(ack.value, '$.entry'))),
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = :now
+    FROM json_each(:batch) AS ack
+    WHERE conveyor_jobs.id = json_extract(ack.value, '$.id')
+        AND conveyor_jobs.state = 'running'
+        AND conveyor_jobs.lease_owner = json_extract(ack.value, '$.owner')
+    RETURNING conveyor_jobs.id
+""")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import asyncpg
 import sqlalchemy as sa
 import structlog
 
-from conveyor.storage.dialects import dumps, loads
+from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads
 
 logger = structlog.get_logger("conveyor.storage")
 
@@ -286,20 +287,62 @@ async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, A
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
+_RUNNABLE_IN = "state IN ('queued', 'scheduled', 'retrying')"
 # The state list is written out, not a parameter, so the planner can use the partial index of
-# runnable jobs (its predicate names these states).
-_CLAIM_SQL = (
-    "UPDATE conveyor_jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1, "  # noqa: S608 - constant
-    "lease_expires_at = $2, attempted_at = $3, updated_at = $3 "
-    "WHERE id IN (SELECT id FROM conveyor_jobs WHERE state IN ('queued', 'scheduled', 'retrying') "
-    "AND run_at <= $3 AND queue = ANY($4::text[]) ORDER BY priority DESC, run_at, id LIMIT $5 "
-    f"FOR UPDATE SKIP LOCKED) RETURNING {_RETURNING}"
+# runnable jobs (its predicate names these states). Each queue is read with `queue = ...`, never
+# `queue = ANY(...)`: only an equality on the index's first column lets the scan walk the index in
+# claim order and stop at the limit; with ANY the server reads and sorts every due job per claim.
+_CLAIM_ONE_QUEUE = (
+    f"SELECT id FROM conveyor_jobs WHERE {_RUNNABLE_IN} AND run_at <= $3 AND queue = $4 "  # noqa: S608 - constant
+    "ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED"
 )
+# Several queues: the first `limit` of each, in index order, then the best `limit` of those.
+_CLAIM_QUEUES = (
+    "SELECT due.id FROM unnest($4::text[]) AS wanted(queue) CROSS JOIN LATERAL ("  # noqa: S608 - constant
+    f"SELECT id, priority, run_at FROM conveyor_jobs WHERE {_RUNNABLE_IN} AND run_at <= $3 "
+    "AND queue = wanted.queue ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) AS due "
+    "ORDER BY due.priority DESC, due.run_at, due.id LIMIT $5"
+)
+
+
+def _claim_sql(due: str) -> str:
+    return (
+        "UPDATE conveyor_jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1, "  # noqa: S608 - constant
+        "lease_expires_at = $2, attempted_at = $3, updated_at = $3 "
+        f"WHERE id IN ({due}) RETURNING {_RETURNING}"
+    )
+
+
+_CLAIM_ONE_QUEUE_SQL = _claim_sql(_CLAIM_ONE_QUEUE)
+_CLAIM_QUEUES_SQL = _claim_sql(_CLAIM_QUEUES)
 
 
 async def claim_in_one_statement(
     connection: Any, *, queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: Any, now: Any
 ) -> list[dict[str, Any]]:
     """Claim up to ``limit`` due jobs in one statement; return their rows with JSON decoded."""
-    found = await connection.fetch(_CLAIM_SQL, lease_owner, lease_expires_at, now, list(queues), limit)
+    if len(queues) == 1:
+        found = await connection.fetch(_CLAIM_ONE_QUEUE_SQL, lease_owner, lease_expires_at, now, queues[0], limit)
+    else:
+        found = await connection.fetch(_CLAIM_QUEUES_SQL, lease_owner, lease_expires_at, now, list(queues), limit)
     return [_decoded(record) for record in found]
+
+
+# The ack statement's named parameters, in the order the driver takes them positionally.
+_ACK_PARAMETERS = (
+    *("now", "channel"),
+    *("ids", "owners", "states", "results", "errors", "run_ats", "finished", "deltas", "entries"),
+)
+_ACK_SQL = POSTGRES_BULK_ACK_AND_NOTIFY.text
+for _position, _name in enumerate(_ACK_PARAMETERS, 1):
+    _ACK_SQL = re.sub(rf"(?<!:):{_name}\b", f"${_position}", _ACK_SQL)
+
+
+async def ack_in_one_statement(connection: Any, columns: Mapping[str, Sequence[Any]], now: Any) -> set[str]:
+    """Finish a batch of jobs and announce them, in one autocommit statement; return the ids that landed.
+
+    Sent straight to the driver: the statement is fixed, and going through SQLAlchemy's text
+    construct would cost more per batch than the server spends on it.
+    """
+    found = await connection.fetch(_ACK_SQL, now, FINISHED_CHANNEL, *(columns[name] for name in _ACK_PARAMETERS[2:]))
+    return {record[0] for record in found}

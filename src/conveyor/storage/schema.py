@@ -145,7 +145,13 @@ sa.Index(
     sqlite_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
     postgresql_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
 )
-sa.Index("ix_conveyor_jobs_workflow_id", jobs.c.workflow_id)
+# Only jobs in a workflow: a NULL entry per plain job would be written on every change of it.
+sa.Index(
+    "ix_conveyor_jobs_workflow_id",
+    jobs.c.workflow_id,
+    sqlite_where=jobs.c.workflow_id.is_not(None),
+    postgresql_where=jobs.c.workflow_id.is_not(None),
+)
 
 workflows = sa.Table(
     "conveyor_workflows",

@@ -109,6 +109,11 @@ def _json_text(value: Any) -> str:
     return dialects.dumps(value)
 
 
+def _sqlite_time(value: datetime | None) -> str | None:
+    """A time as SQLite columns hold it (SQLAlchemy's DATETIME text, in UTC), for a JSON document."""
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 def _as_utc(value: datetime) -> datetime:
     """A stored timestamp comes back in UTC; naive values are left for the column type to refuse."""
     return value.astimezone(UTC) if value.tzinfo is not None else value
@@ -168,7 +173,6 @@ class SqlStore:
         self._work_added = asyncio.Event()
         self._finish_listeners: list[Callable[[set[str]], None]] = []
         self._listener: Any = None
-        self._ack = self._build_ack_statement()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -422,17 +426,8 @@ class SqlStore:
         if self.dialect == "sqlite" and not await self._any_due(queues, now):
             # An idle SQLite worker polls often; a read costs nothing, the write lock would.
             return []
-        running = {
-            "state": JobState.RUNNING.value,
-            "attempt": jobs.c.attempt + 1,
-            "lease_owner": lease_owner,
-            "lease_expires_at": now + timedelta(seconds=lease_seconds),
-            "attempted_at": now,
-            "updated_at": now,
-        }
-        if limits is not None:
-            return await self._fetch_limited(queues, limit, limits, running, now)
-        if self.dialect == "postgresql":
+        lease_expires_at = now + timedelta(seconds=lease_seconds)
+        if self.dialect == "postgresql" and limits is None:
             # One autocommit statement: the claim is atomic on its own, and skipping BEGIN and
             # COMMIT takes two round trips off every wake-up-to-start.
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
@@ -444,12 +439,22 @@ class SqlStore:
                     queues=queues,
                     limit=limit,
                     lease_owner=lease_owner,
-                    lease_expires_at=running["lease_expires_at"],
+                    lease_expires_at=lease_expires_at,
                     now=now,
                 )
             claimed = [_row_to_job(row) for row in rows]
             claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
             return claimed
+        running = {
+            "state": JobState.RUNNING.value,
+            "attempt": jobs.c.attempt + 1,
+            "lease_owner": lease_owner,
+            "lease_expires_at": lease_expires_at,
+            "attempted_at": now,
+            "updated_at": now,
+        }
+        if limits is not None:
+            return await self._fetch_limited(queues, limit, limits, running, now)
         due = (
             sa.select(jobs.c.id)
             .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
@@ -518,28 +523,6 @@ class SqlStore:
             rows = (await conn.execute(extend)).all()
         return {job_id for job_id, owner in rows if leases.get(job_id) == owner}
 
-    def _build_ack_statement(self) -> Any:
-        return (
-            sa.update(jobs)
-            .where(
-                jobs.c.id == sa.bindparam("b_id"),
-                jobs.c.state == JobState.RUNNING.value,
-                jobs.c.lease_owner == sa.bindparam("b_owner"),
-            )
-            .values(
-                state=sa.bindparam("b_state"),
-                result=sa.bindparam("b_result", type_=JSONType),
-                error=sa.bindparam("b_error", type_=JSONType),
-                run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=UTCDateTime), jobs.c.run_at),
-                finished_at=sa.bindparam("b_finished_at", type_=UTCDateTime),
-                attempt=jobs.c.attempt + sa.bindparam("b_delta", type_=sa.Integer),
-                history=dialects.json_append(jobs.c.history, sa.bindparam("b_entry", type_=sa.String), self.dialect),
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=sa.bindparam("b_now", type_=UTCDateTime),
-            )
-        )
-
     async def _apply_acks(
         self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime
     ) -> tuple[set[str], workflow_store.Moved]:
@@ -575,27 +558,22 @@ class SqlStore:
     async def _apply_acks_as_given(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         if self.dialect == "postgresql":
             return await self._apply_acks_at_once(conn, acks, now)
-        # SQLite runs in-process: a statement per ack inside one transaction costs no round trip.
-        applied: set[str] = set()
-        for ack in acks:
-            outcome = await conn.execute(
-                self._ack,
-                {
-                    "b_id": ack.job_id,
-                    "b_owner": ack.lease_owner,
-                    "b_state": ack.state.value,
-                    "b_result": ack.result,
-                    "b_error": ack.error.to_json() if ack.error else None,
-                    "b_run_at": ack.run_at,
-                    "b_finished_at": now if ack.state in FINISHED_STATES else None,
-                    "b_delta": ack.attempt_delta,
-                    "b_entry": _json_text(ack.record.to_json()),
-                    "b_now": now,
-                },
-            )
-            if outcome.rowcount:
-                applied.add(ack.job_id)
-        return applied
+        batch = [
+            {
+                "id": ack.job_id,
+                "owner": ack.lease_owner,
+                "state": ack.state.value,
+                "result": None if ack.result is None else dialects.dumps(ack.result),
+                "error": dialects.dumps(ack.error.to_json()) if ack.error else None,
+                "run_at": _sqlite_time(ack.run_at),
+                "finished_at": _sqlite_time(now) if ack.state in FINISHED_STATES else None,
+                "delta": ack.attempt_delta,
+                "entry": _json_text(ack.record.to_json()),
+            }
+            for ack in acks
+        ]
+        rows = await conn.execute(dialects.SQLITE_BULK_ACK, {"batch": dialects.dumps(batch), "now": _sqlite_time(now)})
+        return set(rows.scalars())
 
     async def _apply_acks_at_once(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         """Every ack of the batch in one statement: one round trip however large the batch."""
@@ -641,14 +619,11 @@ class SqlStore:
         ):
             # The common batch (jobs that finished, in no workflow) needs no follow-up statement:
             # the acks and their NOTIFY go in one autocommit statement, one round trip in all.
-            from conveyor.storage.postgres import FINISHED_CHANNEL  # noqa: PLC0415 - a constant, no driver use
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._read_engine.connect() as conn:
-                rows = await conn.execute(
-                    dialects.POSTGRES_BULK_ACK_AND_NOTIFY,
-                    {**self._ack_columns(acks, now), "now": now, "channel": FINISHED_CHANNEL},
-                )
-                applied = set(rows.scalars())
+                raw = await conn.get_raw_connection()
+                applied = await postgres.ack_in_one_statement(raw.driver_connection, self._ack_columns(acks, now), now)
             self._announce_finished(applied)
             return applied
         async with self._writing() as conn:

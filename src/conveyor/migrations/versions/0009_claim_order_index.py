@@ -1,0 +1,56 @@
+"""The runnable index in claim order on SQLite too; the workflow index only where there is a workflow.
+
+SQLite's copy of the runnable index lost ``priority DESC`` when an earlier migration rebuilt the
+table, so a claim (priority descending, then due time and id ascending) sorted every due job of
+the queue instead of reading the first few off the index. The workflow index held an entry for
+every job, workflow or not; a job's every change wrote one.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0009"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+RUNNABLE = sa.text("state IN ('queued', 'scheduled', 'retrying')")
+IN_A_WORKFLOW = sa.text("workflow_id IS NOT NULL")
+
+
+def _runnable_index(priority: sa.ColumnElement[object] | str) -> None:
+    op.create_index(
+        "ix_conveyor_jobs_runnable",
+        "conveyor_jobs",
+        ["queue", priority, "run_at", "id"],
+        sqlite_where=RUNNABLE,
+        postgresql_where=RUNNABLE,
+    )
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        op.drop_index("ix_conveyor_jobs_runnable", table_name="conveyor_jobs")
+        _runnable_index(sa.literal_column("priority DESC"))
+    op.drop_index("ix_conveyor_jobs_workflow_id", table_name="conveyor_jobs")
+    op.create_index(
+        "ix_conveyor_jobs_workflow_id",
+        "conveyor_jobs",
+        ["workflow_id"],
+        sqlite_where=IN_A_WORKFLOW,
+        postgresql_where=IN_A_WORKFLOW,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_conveyor_jobs_workflow_id", table_name="conveyor_jobs")
+    op.create_index("ix_conveyor_jobs_workflow_id", "conveyor_jobs", ["workflow_id"])
+    if op.get_bind().dialect.name == "sqlite":
+        op.drop_index("ix_conveyor_jobs_runnable", table_name="conveyor_jobs")
+        _runnable_index("priority")
