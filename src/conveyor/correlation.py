@@ -21,6 +21,15 @@ def current_correlation_id() -> str | None:
     return _current.get()
 
 
+def bind_correlation_id(correlation_id: str | None) -> contextvars.Token[str | None]:
+    """Make ``correlation_id`` current until ``reset_correlation_id``; the caller binds the log field."""
+    return _current.set(correlation_id)
+
+
+def reset_correlation_id(token: contextvars.Token[str | None]) -> None:
+    _current.reset(token)
+
+
 @contextlib.contextmanager
 def correlated(correlation_id: str | None) -> Generator[None]:
     """Make ``correlation_id`` current (and a field of every log line) for the block."""

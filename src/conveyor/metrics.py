@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,6 +68,9 @@ class Metrics:
         self.in_flight = Gauge(
             "conveyor_worker_jobs_in_flight", "Jobs running in this process's workers now.", registry=registry
         )
+        # Read at scrape time from the running workers, not counted up and down once per job.
+        self._workers_running: weakref.WeakKeyDictionary[object, Callable[[], int]] = weakref.WeakKeyDictionary()
+        self.in_flight.set_function(lambda: sum(count() for count in list(self._workers_running.values())))
         self.capacity = Gauge(
             "conveyor_worker_capacity", "Jobs this process's workers may run at once.", registry=registry
         )
@@ -92,6 +97,13 @@ class Metrics:
             registry=registry,
         )
         self._queues_refreshed_at = float("-inf")
+
+    def count_running(self, worker: object, running: Callable[[], int]) -> None:
+        """Count ``running()`` jobs in flight while ``worker`` lives (or until ``forget_running``)."""
+        self._workers_running[worker] = running
+
+    def forget_running(self, worker: object) -> None:
+        self._workers_running.pop(worker, None)
 
     def on_event(self, event: JobEvent) -> None:
         """Subscriber for the worker's events: two cached children per event, no label lookups."""

@@ -56,3 +56,7 @@ def current_client() -> httpx.AsyncClient:
 
 def use_client(client: httpx.AsyncClient) -> contextvars.Token[httpx.AsyncClient | None]:
     return _client.set(client)
+
+
+def reset_client(token: contextvars.Token[httpx.AsyncClient | None]) -> None:
+    _client.reset(token)

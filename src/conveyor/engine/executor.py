@@ -21,7 +21,7 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 from conveyor import outgoing, tracing
 from conveyor.backoff import DEFAULT_BACKOFF
 from conveyor.context import CancelFlag, JobContext
-from conveyor.correlation import correlated
+from conveyor.correlation import bind_correlation_id, reset_correlation_id
 from conveyor.engine.cpu import CpuPool, ProcessCrashedError, RemoteFailure
 from conveyor.errors import PermanentError, UnknownTaskError
 from conveyor.events import EventName, Events, JobEvent
@@ -68,19 +68,27 @@ class Executor:
         While it runs, the job's correlation id, identity and trace are current: every log line
         the task writes carries them, and so does every call made with ``ctx.http``.
         """
-        with (
-            correlated(job.correlation_id),
-            structlog.contextvars.bound_contextvars(
-                job_id=job.id, task=job.task, attempt=job.attempt, worker=self._worker_id
-            ),
-            tracing.attempt_span(job, self._worker_id) as span,
-        ):
-            if self._http is not None:
-                outgoing.use_client(self._http)
-            ack = await self._attempt(job, cancel_event, progress_sink)
-            if ack.error is not None:
-                tracing.mark_failed(span, ack.error.type, ack.error.message)
-            return ack
+        # Bound and reset by hand, not through nested context managers: this runs once per job,
+        # and for a no-op task the generator machinery would cost more than the task itself.
+        fields = {"job_id": job.id, "task": job.task, "attempt": job.attempt, "worker": self._worker_id}
+        if job.correlation_id is not None:
+            fields["correlation_id"] = job.correlation_id
+        log_tokens = structlog.contextvars.bind_contextvars(**fields)
+        correlation_token = bind_correlation_id(job.correlation_id)
+        client_token = outgoing.use_client(self._http) if self._http is not None else None
+        try:
+            if not tracing.tracing_installed():
+                return await self._attempt(job, cancel_event, progress_sink)
+            with tracing.attempt_span(job, self._worker_id) as span:
+                ack = await self._attempt(job, cancel_event, progress_sink)
+                if ack.error is not None:
+                    tracing.mark_failed(span, ack.error.type, ack.error.message)
+                return ack
+        finally:
+            if client_token is not None:
+                outgoing.reset_client(client_token)
+            reset_correlation_id(correlation_token)
+            structlog.contextvars.reset_contextvars(**log_tokens)
 
     async def _attempt(
         self,

@@ -162,6 +162,7 @@ class Worker:
         )
         if self.metrics is not None:
             self.metrics.capacity.inc(self.concurrency)
+            self.metrics.count_running(self, self._running.__len__)
         rates = {name: task.options.rate_limit for name, task in self.app.tasks.items() if task.options.rate_limit}
         self._limits = ClaimLimits(queues=self.settings.queue_limits, rates=rates).for_queues(self.queues)
         logger.info(
@@ -205,6 +206,7 @@ class Worker:
             await http.aclose()
             if self.metrics is not None:
                 self.metrics.capacity.dec(self.concurrency)
+                self.metrics.forget_running(self)
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
@@ -256,8 +258,6 @@ class Worker:
     def _start(self, job: Job, executor: Executor) -> None:
         running = _Running(job=job, started_at=self._clock())
         self._running[job.id] = running
-        if self.metrics is not None:
-            self.metrics.in_flight.inc()
         running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{job.id}")
 
     async def _attempt(self, running: _Running, executor: Executor) -> None:
@@ -277,8 +277,6 @@ class Worker:
             raise
         finally:
             self._running.pop(running.job.id, None)
-            if self.metrics is not None:
-                self.metrics.in_flight.dec()
             self._ack_ready.set()
             self._wake()
 
