@@ -135,6 +135,10 @@ class Task(Generic[P, R]):
             name: _adapter(hints.get(name, parameter.annotation))
             for name, parameter in self.signature.parameters.items()
         }
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        self._requires_arguments = any(
+            p.default is inspect.Parameter.empty and p.kind not in variadic for p in self.signature.parameters.values()
+        )
         self._var_keyword = next(
             (p.name for p in self.signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
         )
@@ -156,6 +160,9 @@ class Task(Generic[P, R]):
     def _convert(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], *, to_json: bool
     ) -> tuple[list[Any], dict[str, Any]]:
+        if not args and not kwargs and not self._requires_arguments:
+            # Nothing to bind, check or convert (a task called bare): skip the signature machinery.
+            return [], {}
         problems: list[str] = []
         try:
             bound = self.signature.bind(*args, **kwargs)

@@ -268,7 +268,6 @@ def _bulk_insert_sql() -> str:
 
 
 _BULK_INSERT_SQL = _bulk_insert_sql()
-_TIME_COLUMNS = {"run_at", "created_at", "updated_at"}
 
 
 async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -277,13 +276,31 @@ async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, A
     The batch travels as one JSON document that the server unpacks: orjson writes it far faster
     than the driver encodes a column array per field, and a JSON null arrives as SQL NULL.
     """
-    # Times as ISO text, so that the json module's fallback (for what orjson refuses, such as an
-    # integer beyond 64 bits in the arguments) can write the batch too.
-    batch = [
-        {column: row[column].isoformat() if column in _TIME_COLUMNS else row[column] for column in _INSERT_COLUMNS}
+    await connection.execute(_BULK_INSERT_SQL, dumps(rows))
+
+
+async def copy_in(connection: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert a big batch of job rows (without idempotency or unique keys) with COPY, and announce their queues.
+
+    COPY costs the server a third of what an INSERT of the same rows does. It runs in a
+    transaction of its own on a pooled connection (SQLAlchemy's, whose jsonb codec takes JSON
+    text). A batch retried after its commit landed unseen finds its own ids already stored: the
+    ids are this batch's, so that means the batch is in, and it counts as done.
+    """
+    records = [
+        tuple(_json_text(row[column]) if column in _JSON_COLUMNS else _plain(row[column]) for column in _INSERT_COLUMNS)
         for row in rows
     ]
-    await connection.execute(_BULK_INSERT_SQL, dumps(batch))
+    queues = sorted({row["queue"] for row in rows if row["state"] == "queued"})
+    try:
+        async with connection.transaction():
+            await connection.copy_records_to_table("conveyor_jobs", records=records, columns=_INSERT_COLUMNS)
+            if queues:
+                await connection.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, queues)
+    except asyncpg.UniqueViolationError:
+        ids = [row["id"] for row in rows]
+        if await connection.fetchval("SELECT count(*) FROM conveyor_jobs WHERE id = ANY($1::text[])", ids) != len(ids):
+            raise
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)

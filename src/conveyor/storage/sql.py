@@ -52,6 +52,10 @@ _RUNNABLE = [state.value for state in RUNNABLE_STATES]
 _FINISHED = [state.value for state in FINISHED_STATES]
 
 P = ParamSpec("P")
+
+# From this many keyless jobs, a PostgreSQL bulk enqueue uses COPY: four round trips (BEGIN, COPY,
+# NOTIFY, COMMIT) instead of one, repaid many times over by the server's cheaper row loading.
+_COPY_FROM = 64
 R = TypeVar("R")
 
 
@@ -264,7 +268,10 @@ class SqlStore:
 
             async with self._read_engine.connect() as conn:
                 raw = await conn.get_raw_connection()
-                await postgres.insert_in_one_statement(raw.driver_connection, rows)
+                if len(rows) >= _COPY_FROM:
+                    await postgres.copy_in(raw.driver_connection, rows)
+                else:
+                    await postgres.insert_in_one_statement(raw.driver_connection, rows)
             if runnable_queues:
                 self._work_added.set()
             return [_row_to_job(row) for row in rows]
