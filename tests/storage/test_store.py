@@ -163,6 +163,23 @@ async def test_insert_many_stores_every_job_and_returns_them_in_order(store: Sto
     assert sorted(job.id for job in await all_jobs(store)) == sorted(item.id for item in batch)
 
 
+async def test_a_big_batch_is_stored_whole_and_storing_it_again_adds_nothing(store: Store) -> None:
+    # Big enough for PostgreSQL's COPY path; the second insert is a retry whose first commit landed.
+    awkward = {"big": 2**70, "text": 'naïve ☃ "quoted"', "none": None}
+    batch = [new(args=[n], kwargs=awkward, run_at=T0 + timedelta(seconds=n % 2)) for n in range(300)]
+
+    first = await insert(store, *batch)
+    again = await insert(store, *batch)
+
+    stored = {job.id: job for job in await all_jobs(store)}
+    assert len(stored) == 300
+    assert [job.id for job in first] == [job.id for job in again] == [item.id for item in batch]
+    assert [stored[item.id].args for item in batch] == [[n] for n in range(300)]
+    assert all(job.kwargs == awkward for job in stored.values())
+    assert sum(job.state is JobState.SCHEDULED for job in stored.values()) == 150
+    assert len(await claim(store, limit=500)) == 150
+
+
 async def test_awkward_json_survives_insert_and_claim_exactly(store: Store) -> None:
     awkward = [2**70, -(2**63), 1.5, 'naïve ☃ "quoted"', None, {"nested": [None, True, {"k": "v"}]}, []]
     (job,) = await insert(store, new(args=awkward, kwargs={"null": None, "big": 2**64}))
