@@ -31,12 +31,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor.jobs import RUNNABLE_STATES, JobState
+from conveyor.jobs import JobState
 from conveyor.limits import ClaimLimits, StartWindow
 from conveyor.storage import dialects
-from conveyor.storage.schema import JSONType, jobs, rate_limits
-
-_RUNNABLE = [state.value for state in RUNNABLE_STATES]
+from conveyor.storage.schema import IS_RUNNABLE, JSONType, jobs, rate_limits
 
 # Locks in array order: the caller passes the keys sorted, so every claimer queues the same way.
 _LOCK_QUEUES = sa.text("SELECT pg_advisory_xact_lock(key) FROM unnest(CAST(:keys AS bigint[])) AS key")
@@ -132,7 +130,7 @@ async def claim(
 
 def _candidates(queues: Sequence[str], shut_tasks: Sequence[str], wanted: int, now: datetime) -> Any:
     query = sa.select(jobs.c.id, jobs.c.queue, jobs.c.task).where(
-        jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues))
+        IS_RUNNABLE, jobs.c.run_at <= now, jobs.c.queue.in_(list(queues))
     )
     if shut_tasks:
         query = query.where(jobs.c.task.notin_(list(shut_tasks)))

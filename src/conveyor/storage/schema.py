@@ -110,8 +110,12 @@ jobs = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.CheckConstraint("state IN (" + ", ".join(f"'{state.value}'" for state in JobState) + ")", name="state"),
     sa.CheckConstraint("attempt >= 0 AND max_attempts >= 1", name="attempts"),
-    sa.UniqueConstraint("idempotency_key"),
 )
+
+# A job waiting its turn, in the words of the runnable index's predicate: the states are written out
+# as literals, since a planner (SQLite's, always) uses a partial index only for a query that
+# states the predicate itself, and a bound parameter could hold anything.
+IS_RUNNABLE = jobs.c.state.in_(sa.bindparam("runnable_states", _runnable, expanding=True, literal_execute=True))
 
 # The claim query walks this partial index in claim order and touches nothing else.
 sa.Index(
@@ -144,6 +148,14 @@ sa.Index(
     unique=True,
     sqlite_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
     postgresql_where=sa.and_(jobs.c.unique_key.is_not(None), jobs.c.state.in_(_unfinished)),
+)
+# A repeated idempotency key finds the first job; jobs without one take no entry.
+sa.Index(
+    "uq_conveyor_jobs_idempotency_key",
+    jobs.c.idempotency_key,
+    unique=True,
+    sqlite_where=jobs.c.idempotency_key.is_not(None),
+    postgresql_where=jobs.c.idempotency_key.is_not(None),
 )
 # Only jobs in a workflow: a NULL entry per plain job would be written on every change of it.
 sa.Index(

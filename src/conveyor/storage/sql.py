@@ -28,7 +28,6 @@ from conveyor.jobs import (
     CANCELLABLE_STATES,
     FINISHED_STATES,
     REPLAYABLE_STATES,
-    RUNNABLE_STATES,
     Ack,
     AttemptRecord,
     Job,
@@ -45,10 +44,9 @@ from conveyor.limits import ClaimLimits
 from conveyor.storage import dialects
 from conveyor.storage import limits as limited_claims
 from conveyor.storage import workflows as workflow_store
-from conveyor.storage.schema import JSONType, UTCDateTime, jobs, tokens, workflows
+from conveyor.storage.schema import IS_RUNNABLE, JSONType, UTCDateTime, jobs, tokens, workflows
 from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
 
-_RUNNABLE = [state.value for state in RUNNABLE_STATES]
 _FINISHED = [state.value for state in FINISHED_STATES]
 
 P = ParamSpec("P")
@@ -464,7 +462,7 @@ class SqlStore:
             return await self._fetch_limited(queues, limit, limits, running, now)
         due = (
             sa.select(jobs.c.id)
-            .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
+            .where(IS_RUNNABLE, jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
             .order_by(jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -503,11 +501,7 @@ class SqlStore:
         return waker
 
     async def _any_due(self, queues: Sequence[str], now: datetime) -> bool:
-        probe = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.state.in_(_RUNNABLE), jobs.c.run_at <= now, jobs.c.queue.in_(list(queues)))
-            .limit(1)
-        )
+        probe = sa.select(jobs.c.id).where(IS_RUNNABLE, jobs.c.run_at <= now, jobs.c.queue.in_(list(queues))).limit(1)
         async with self._read_engine.connect() as conn:
             return (await conn.execute(probe)).first() is not None
 
@@ -813,11 +807,7 @@ class SqlStore:
     @_guarded
     async def queue_stats(self) -> list[QueueStats]:
         counts = sa.select(jobs.c.queue, jobs.c.state, sa.func.count()).group_by(jobs.c.queue, jobs.c.state)
-        oldest = (
-            sa.select(jobs.c.queue, sa.func.min(jobs.c.run_at))
-            .where(jobs.c.state.in_(_RUNNABLE))
-            .group_by(jobs.c.queue)
-        )
+        oldest = sa.select(jobs.c.queue, sa.func.min(jobs.c.run_at)).where(IS_RUNNABLE).group_by(jobs.c.queue)
         async with self._read_engine.connect() as conn:
             count_rows = (await conn.execute(counts)).all()
             oldest_rows = (await conn.execute(oldest)).all()

@@ -1,0 +1,80 @@
+"""The claim reads the runnable index in claim order and stops at its limit.
+
+If it sorted every due job instead, each claim would cost as much as the backlog is long and
+draining a backlog would take quadratic time: correct results, so only the plan shows it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from conveyor.jobs import NewJob
+from conveyor.settings import Settings
+from conveyor.storage import open_store
+from conveyor.storage import postgres as pg
+from conveyor.storage.sql import SqlStore
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+BACKLOG = 500
+
+
+@pytest.fixture
+async def backlogged(backend_url: str) -> AsyncIterator[SqlStore]:
+    store = await open_store(Settings(database_url=backend_url))
+    assert isinstance(store, SqlStore)
+    await store.insert_jobs([NewJob(task="t", args=[], kwargs={}) for _ in range(BACKLOG)], now=T0)
+    yield store
+    await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_postgres_claim_walks_the_index_in_order_with_no_sort_and_no_bitmap(backlogged: SqlStore) -> None:
+    async with backlogged._read_engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        one = await _plan(raw, pg._CLAIM_ONE_QUEUE_SQL, "default")
+        several = await _plan(raw, pg._CLAIM_QUEUES_SQL, ["default", "emails"])
+
+    assert "ix_conveyor_jobs_runnable" in one
+    assert "Sort" not in one
+    assert "Bitmap" not in one
+    # Several queues: each is read in index order up to the limit; only those few rows are sorted.
+    assert "ix_conveyor_jobs_runnable" in several
+    assert "Bitmap" not in several
+    assert several.count("Sort Key") == 1
+    assert several.index("Sort Key") < several.index("Function Scan on unnest")
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_a_sqlite_claim_walks_the_index_in_order_with_no_sort(backlogged: SqlStore, backend_url: str) -> None:
+    statements: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE"):
+            statements.append((statement, parameters))
+
+    engine = backlogged._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        claimed = await backlogged.fetch_jobs(queues=["default"], limit=10, lease_owner="w#1", lease_seconds=30, now=T0)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert len(claimed) == 10
+    ((statement, parameters),) = statements
+
+    with sqlite3.connect(backend_url.removeprefix("sqlite:///")) as db:
+        plan = " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+
+    assert "ix_conveyor_jobs_runnable" in plan
+    assert "TEMP B-TREE" not in plan
+
+
+async def _plan(raw: Any, statement: str, queues: str | list[str]) -> str:
+    rows = await raw.fetch(f"EXPLAIN {statement}", "w#1", T0, T0, queues, 100)
+    return "\n".join(row[0] for row in rows)
