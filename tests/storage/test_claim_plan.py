@@ -53,26 +53,33 @@ async def test_a_postgres_claim_walks_the_index_in_order_with_no_sort_and_no_bit
 
 @pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
 async def test_a_sqlite_claim_walks_the_index_in_order_with_no_sort(backlogged: SqlStore, backend_url: str) -> None:
+    one = await _sqlite_claim_plan(backlogged, backend_url, ["default"])
+    several = await _sqlite_claim_plan(backlogged, backend_url, ["default", "emails"])
+
+    assert "ix_conveyor_jobs_runnable" in one
+    assert "TEMP B-TREE" not in one
+    # Several queues: each is read in index order up to the limit; only those few rows are sorted.
+    assert several.count("ix_conveyor_jobs_runnable") == 2
+    assert several.count("TEMP B-TREE") == 1
+
+
+async def _sqlite_claim_plan(store: SqlStore, url: str, queues: list[str]) -> str:
     statements: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE"):
             statements.append((statement, parameters))
 
-    engine = backlogged._engine.sync_engine
+    engine = store._engine.sync_engine
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        claimed = await backlogged.fetch_jobs(queues=["default"], limit=10, lease_owner="w#1", lease_seconds=30, now=T0)
+        claimed = await store.fetch_jobs(queues=queues, limit=10, lease_owner="w#1", lease_seconds=30, now=T0)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     assert len(claimed) == 10
     ((statement, parameters),) = statements
-
-    with sqlite3.connect(backend_url.removeprefix("sqlite:///")) as db:
-        plan = " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
-
-    assert "ix_conveyor_jobs_runnable" in plan
-    assert "TEMP B-TREE" not in plan
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        return " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
 
 
 async def _plan(raw: Any, statement: str, queues: str | list[str]) -> str:

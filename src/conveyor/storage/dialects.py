@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +252,9 @@ POSTGRES_BULK_ACK_AND_NOTIFY = sa.text(
 
 # Acks for SQLite, all in one statement: the batch travels as one JSON array that json_each
 # unpacks, so a batch costs one call into the database thread, not one per ack. The JSON columns
-# arrive as JSON text inside the batch and are stored as that text; the fence is the same.
+# arrive as JSON text inside the batch and are stored as that text; the fence is the same. The
+# unary + keeps the planner off the state index: the batch is read once, each job found by its key
+# (looping over every running job instead, and the batch for each, costs a hundred times more).
 SQLITE_BULK_ACK = sa.text("""
     UPDATE conveyor_jobs SET
         state = json_extract(ack.value, '$.state'),
@@ -265,7 +269,71 @@ SQLITE_BULK_ACK = sa.text("""
         updated_at = :now
     FROM json_each(:batch) AS ack
     WHERE conveyor_jobs.id = json_extract(ack.value, '$.id')
-        AND conveyor_jobs.state = 'running'
+        AND +conveyor_jobs.state = 'running'
         AND conveyor_jobs.lease_owner = json_extract(ack.value, '$.owner')
     RETURNING conveyor_jobs.id
 """)
+
+
+def _sqlite_columns() -> tuple[str, ...]:
+    from conveyor.storage.schema import jobs  # noqa: PLC0415 - the schema imports this module
+
+    return tuple(column.name for column in jobs.c)
+
+
+_SQLITE_JOB_COLUMNS = _sqlite_columns()
+_SQLITE_TIME_COLUMNS = frozenset(
+    ("run_at", "lease_expires_at", "attempted_at", "finished_at", "cancel_requested_at", "created_at", "updated_at")
+)
+_SQLITE_JSON_COLUMNS = frozenset(
+    ("args", "kwargs", "history", "result", "error", "trace_context", "progress", "input_template")
+)
+
+
+@functools.cache
+def _sqlite_claim_sql(queue_count: int) -> str:
+    # Each queue has its own scan of the runnable index, in claim order, stopping at the limit
+    # (`queue IN (...)` would sort every due job of them all); several queues' few rows are then
+    # ordered together. Parameters: lease owner, lease expiry, now (three times), then each queue
+    # and its limit, then (several queues) the overall limit.
+    per_queue = (
+        "SELECT id, priority, run_at FROM conveyor_jobs "
+        "WHERE state IN ('queued', 'scheduled', 'retrying') AND run_at <= ?5 AND queue = ? "
+        "ORDER BY priority DESC, run_at, id LIMIT ?"
+    )
+    if queue_count == 1:
+        due = f"SELECT id FROM ({per_queue})"  # noqa: S608 - constant
+    else:
+        arms = " UNION ALL ".join([f"SELECT * FROM ({per_queue})"] * queue_count)  # noqa: S608 - constant
+        due = f"SELECT id FROM ({arms}) ORDER BY priority DESC, run_at, id LIMIT ?"  # noqa: S608 - constant
+    return (
+        "UPDATE conveyor_jobs SET state = 'running', attempt = attempt + 1, lease_owner = ?1, "  # noqa: S608 - constant
+        "lease_expires_at = ?2, attempted_at = ?3, updated_at = ?4 "
+        f"WHERE id IN ({due}) RETURNING {', '.join(_SQLITE_JOB_COLUMNS)}"
+    )
+
+
+def sqlite_claim(
+    queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: str, now: str
+) -> tuple[str, tuple[Any, ...]]:
+    """The claim for SQLite and its parameters: the best ``limit`` due jobs of ``queues``, leased.
+
+    Times come as SQLite holds them (text). The rows it returns decode with ``sqlite_job_row``.
+    """
+    per_queue = tuple(value for queue in queues for value in (queue, limit))
+    overall = (limit,) if len(queues) > 1 else ()
+    return _sqlite_claim_sql(len(queues)), (lease_owner, lease_expires_at, now, now, now, *per_queue, *overall)
+
+
+def sqlite_job_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A job row as SQLite returns it (times and JSON as text), decoded as the column types would."""
+    decoded = dict(zip(_SQLITE_JOB_COLUMNS, row, strict=True))
+    for name in _SQLITE_TIME_COLUMNS:
+        value = decoded[name]
+        if value is not None:
+            decoded[name] = datetime.fromisoformat(value).replace(tzinfo=UTC)
+    for name in _SQLITE_JSON_COLUMNS:
+        value = decoded[name]
+        if value is not None:
+            decoded[name] = loads(value)
+    return decoded
