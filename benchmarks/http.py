@@ -59,7 +59,7 @@ async def _wait_healthy(base: str, process: subprocess.Popen[bytes]) -> None:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")
             try:
-                if (await client.get(f"{base}/health" if "/health" else base)).status_code < 500:
+                if (await client.get(f"{base}/health")).status_code < 500:
                     return
             except httpx.TransportError:
                 pass

@@ -3,14 +3,18 @@ with the scope for what it does; tokens are stored only as hashes."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 from tests.api.support import Api, add_token, assert_envelope, bearer, serve
 
 from conveyor import Conveyor
 from conveyor.api.deps import AuthGate
+from conveyor.storage.sql import SqlStore
 from conveyor.tokens import Scope
 
 JOB = {"task": "add", "kwargs": {"a": 1, "b": 2}}
@@ -179,3 +183,24 @@ async def test_revoking_the_only_token_does_not_reopen_the_server(conveyor: Conv
 
     assert_envelope(anonymous, 401, "unauthorized")
     assert_envelope(revoked, 401, "unauthorized")
+
+
+async def test_requests_that_find_the_gate_stale_together_share_one_look_at_the_tokens(idle_api: Api) -> None:
+    store = await idle_api.conveyor.store()
+    assert isinstance(store, SqlStore)
+    engine = store.engine.sync_engine
+    idle_api.app.state.auth_gate = AuthGate(store, ttl=60)  # stale until its first look, then fresh
+    counts: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "count(" in statement.lower() and "conveyor_tokens" in statement:
+            counts.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        answers = await asyncio.gather(*(idle_api.client.get("/jobs") for _ in range(10)))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+    assert [answer.status_code for answer in answers] == [200] * 10
+    assert len(counts) == 1, counts

@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import httpx
+from sqlalchemy import event
 from tests.api.support import Api, Controls, FakeClock, assert_envelope, serve
 from tests.support.waiting import eventually
 
 from conveyor import Conveyor
 from conveyor.api.schemas import AttemptsPublic, BatchResult, JobPublic, JobsPublic
+from conveyor.storage.sql import SqlStore
 
 FIXED = datetime(2026, 1, 1, tzinfo=UTC)
+ADD = {"task": "add", "kwargs": {"a": 1, "b": 1}}
 
 
 def _iso(moment: datetime) -> str:
@@ -33,6 +38,50 @@ async def test_submitting_a_job_answers_202_with_the_job_and_its_location(idle_a
     followed = await idle_api.client.get(response.headers["location"])
     assert followed.status_code == 200
     assert followed.json()["id"] == job.id
+
+
+async def test_the_location_follows_the_host_and_root_path_of_each_request(idle_api: Api) -> None:
+    # As request.url_for makes it; the route keeps the last base it made, so the cases alternate.
+    for root_path, host in (("", "test"), ("/api", "test"), ("/api", "other.example:8080"), ("", "test")):
+        transport = httpx.ASGITransport(app=idle_api.app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
+            response = await client.post("/jobs", json=ADD)
+        assert response.status_code == 202
+        assert response.headers["location"] == f"http://{host}{root_path}/jobs/{response.json()['id']}"
+
+
+async def test_a_submission_in_a_callers_trace_stores_that_trace_with_the_job(idle_api: Api) -> None:
+    # With or without a tracer provider installed: the job's attempts are to continue the caller's trace.
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    response = await idle_api.client.post("/jobs", json=ADD, headers={"traceparent": traceparent})
+
+    job = await idle_api.conveyor.get_job(response.json()["id"])
+    assert job.trace_context is not None
+    assert job.trace_context["traceparent"].split("-")[1] == trace_id
+
+
+async def test_submissions_that_arrive_together_are_stored_in_shared_transactions(idle_api: Api) -> None:
+    store = await idle_api.conveyor.store()
+    assert isinstance(store, SqlStore)
+    engine = store.engine.sync_engine
+    inserts: list[int] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT") and "conveyor_jobs" in statement:
+            inserts.append(len(parameters) if executemany else 1)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        responses = await asyncio.gather(*(idle_api.client.post("/jobs", json=ADD) for _ in range(20)))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+    assert [response.status_code for response in responses] == [202] * 20
+    assert len({response.json()["id"] for response in responses}) == 20
+    assert sum(inserts) == 20, inserts
+    assert len(inserts) < 20, f"each submission had its own transaction: {inserts}"
+    assert len(await idle_api.job_ids()) == 20
 
 
 async def test_getting_a_job_returns_it_as_stored(idle_api: Api) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncGenerator
 
 import structlog
 from fastapi import FastAPI
 
-from conveyor.api.correlation import BodyLimitMiddleware, CorrelationMiddleware
+from conveyor.api.correlation import CorrelationMiddleware
 from conveyor.api.deps import AuthGate
 from conveyor.api.errors import install_error_handlers
 from conveyor.api.routes import jobs, schedules, system, workflows
@@ -42,9 +43,15 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
             await asyncio.wait({api.state.worker_task, started}, return_when=asyncio.FIRST_COMPLETED)
             started.cancel()
             await asyncio.gather(started, return_exceptions=True)
+        # What exists now (modules, the app and its routes, compiled schemas, the store) lives as
+        # long as the server. Frozen, it is out of the collector's sight: a full collection then
+        # walks what requests leave behind instead of some 140,000 objects that never die, each
+        # time. Under load that walk cost more than a request's own work.
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             if worker is not None and api.state.worker_task is not None:
                 worker.stop()
                 await asyncio.gather(api.state.worker_task, return_exceptions=True)
@@ -69,8 +76,7 @@ def create_app(conveyor: Conveyor, *, run_worker: bool = True, concurrency: int 
     api.include_router(workflows.router)
     # Added innermost first: telemetry wraps everything, then the correlation id exists
     # before a size check can answer 413.
-    api.add_middleware(BodyLimitMiddleware, max_bytes=conveyor.settings.max_request_bytes)
-    api.add_middleware(CorrelationMiddleware)
+    api.add_middleware(CorrelationMiddleware, max_bytes=conveyor.settings.max_request_bytes)
     api.add_middleware(TelemetryMiddleware, metrics=conveyor.metrics if conveyor.settings.metrics_enabled else None)
     return api
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
+from fastapi.security.utils import get_authorization_scheme_param
 
 from conveyor.api.errors import ApiError
 from conveyor.api.watch import JobWatcher
@@ -39,14 +41,25 @@ class AuthGate:
         self._ttl = ttl
         self._checked_at = float("-inf")
         self._required = True
+        self._checking: asyncio.Future[bool] | None = None
 
     async def required(self) -> bool:
         now = time.monotonic()
-        if now - self._checked_at > self._ttl:
+        if now - self._checked_at <= self._ttl:
+            return self._required
+        # Requests that find the answer stale together share one query, not one each.
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check(now))
+        return await asyncio.shield(self._checking)
+
+    async def _check(self, now: float) -> bool:
+        try:
             # Revoking the last token must not open the server: any token ever made counts.
             self._required = await self._store.count_tokens() > 0
             self._checked_at = now
-        return self._required
+            return self._required
+        finally:
+            self._checking = None
 
 
 # Async, though they only read app.state: FastAPI runs a plain-def dependency in its thread pool,
@@ -62,22 +75,55 @@ async def get_watcher(request: Request) -> JobWatcher:
 ConveyorDep = Annotated[Conveyor, Depends(get_conveyor)]
 WatcherDep = Annotated[JobWatcher, Depends(get_watcher)]
 
-_bearer = HTTPBearer(auto_error=False, description="An API token from `conveyor tokens create`.")
+
+def conveyor_of(request: Request) -> Conveyor:
+    """The app, for the busiest routes: read in the route, since each dependency FastAPI solves
+    costs more per request (about 15 µs) than these routes' own work outside the database."""
+    return request.app.state.conveyor
+
+
+def watcher_of(request: Request) -> JobWatcher:
+    return request.app.state.watcher
+
+
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def authenticate(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    conveyor: Conveyor = request.app.state.conveyor
-    gate: AuthGate = request.app.state.auth_gate
-    if credentials is None:
-        if request.headers.get("authorization"):
+class TokenAuth(SecurityBase):
+    """Who is calling, and whether they may: the bearer token read, checked and scoped in one step.
+
+    One security dependency per route rather than a chain (the bearer scheme, then the token
+    check, then the scope check): FastAPI solves every level of a dependency tree on every
+    request, about 10 µs each. As a security scheme it still puts the bearer scheme in the
+    OpenAPI document, under the name ``HTTPBearer`` as before.
+    """
+
+    def __init__(self, needed: Scope | None) -> None:
+        self.model = HTTPBearerModel(description="An API token from `conveyor tokens create`.")
+        self.scheme_name = "HTTPBearer"
+        self.needed = needed
+
+    async def __call__(self, request: Request) -> Principal:
+        principal = await _authenticate(request)
+        needed = self.needed
+        if needed is not None and not (Scope.ADMIN.value in principal.scopes or needed.value in principal.scopes):
+            raise ApiError(403, "forbidden", f"this token lacks the {needed.value!r} scope", {"needed": needed.value})
+        return principal
+
+
+async def _authenticate(request: Request) -> Principal:
+    authorization = request.headers.get("authorization")
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    state = request.app.state
+    if not (scheme and credentials and scheme.lower() == "bearer"):
+        if authorization:
             raise ApiError(401, "unauthorized", "use 'Authorization: Bearer <token>'", headers=_CHALLENGE)
+        gate: AuthGate = state.auth_gate
         if not await gate.required():
-            return Principal(ANONYMOUS, (Scope.ADMIN.value,))
+            return _ANONYMOUS
         raise ApiError(401, "unauthorized", "this server needs an API token", headers=_CHALLENGE)
-    parsed = parse_token(credentials.credentials)
+    conveyor: Conveyor = state.conveyor
+    parsed = parse_token(credentials)
     store = await conveyor.store()
     record = await store.get_token(parsed[0]) if parsed else None
     if parsed is None or record is None or record.revoked_at is not None or not secret_matches(record, parsed[1]):
@@ -85,15 +131,8 @@ async def authenticate(
     return Principal(record.id, record.scopes)
 
 
-def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
-    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
-        if not (Scope.ADMIN.value in principal.scopes or scope.value in principal.scopes):
-            raise ApiError(403, "forbidden", f"this token lacks the {scope.value!r} scope", {"needed": scope.value})
-        return principal
+_ANONYMOUS = Principal(ANONYMOUS, (Scope.ADMIN.value,))
 
-    return check
-
-
-CanRead = Annotated[Principal, Depends(require(Scope.JOBS_READ))]
-CanWrite = Annotated[Principal, Depends(require(Scope.JOBS_WRITE))]
-Authenticated = Annotated[Principal, Depends(authenticate)]
+CanRead = Annotated[Principal, Depends(TokenAuth(Scope.JOBS_READ))]
+CanWrite = Annotated[Principal, Depends(TokenAuth(Scope.JOBS_WRITE))]
+Authenticated = Annotated[Principal, Depends(TokenAuth(None))]

@@ -10,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conveyor.api.correlation import INTERNAL_ERROR_MESSAGE, current_correlation_id
+from conveyor.api.correlation import INTERNAL_ERROR_MESSAGE
 from conveyor.api.schemas import ErrorEnvelope
+from conveyor.correlation import current_correlation_id
 from conveyor.errors import (
     JobNotFoundError,
     JobStateError,

@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from conveyor.api.correlation import current_correlation_id
-from conveyor.api.deps import CanRead, CanWrite, ConveyorDep, Principal, WatcherDep
+from conveyor.api.deps import CanRead, CanWrite, ConveyorDep, Principal, conveyor_of, watcher_of
 from conveyor.api.errors import ERROR_RESPONSES, ApiError
 from conveyor.api.schemas import (
     AttemptPublic,
@@ -26,6 +25,7 @@ from conveyor.api.schemas import (
     JobsPublic,
 )
 from conveyor.app import Conveyor
+from conveyor.correlation import current_correlation_id
 from conveyor.errors import TaskArgumentsError, UnknownTaskError
 from conveyor.jobs import Job, JobState, NewJob
 from conveyor.tasks import EnqueueOptions
@@ -94,18 +94,36 @@ async def create_job(
     body: JobCreate,
     request: Request,
     response: Response,
-    conveyor: ConveyorDep,
     principal: CanWrite,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Store a job and answer at once with its id; poll `GET /jobs/{id}` for the outcome."""
+    conveyor = conveyor_of(request)
     new = _build(conveyor, body, principal, idempotency_key)
-    (stored,) = await conveyor.enqueue_many([new])
+    # Concurrent submissions share one transaction (and one commit's fsync): see _GroupCommit.
+    stored = await conveyor.enqueue_new(new)
     if _replayed(new, stored):
         response.status_code = status.HTTP_200_OK
         response.headers[REPLAYED_HEADER] = "true"
-    response.headers["Location"] = str(request.url_for("get_job", job_id=stored.id))
+    response.headers["Location"] = _job_url(request, stored.id)
     return JobPublic.of(stored)
+
+
+def _job_url(request: Request, job_id: str) -> str:
+    """What ``request.url_for("get_job", job_id=...)`` answers, without its search of every route.
+
+    The base (scheme, host, root path) is the same for almost every request: the last one is kept.
+    """
+    global _last_base  # noqa: PLW0603 - a one-entry cache
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    key = (scope.get("scheme"), scope.get("server"), scope.get("app_root_path", scope.get("root_path")), host)
+    if _last_base is None or _last_base[0] != key:
+        _last_base = (key, f"{str(request.base_url).rstrip('/')}{router.prefix}/")
+    return _last_base[1] + job_id
+
+
+_last_base: tuple[tuple[Any, ...], str] | None = None
 
 
 @router.post("/batch", response_model=BatchResult, summary="Submit many jobs")
@@ -150,16 +168,16 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorEnvelope, "de
 @router.get("/{job_id}", response_model=JobPublic, responses=_NOT_FOUND, summary="Get a job, or wait for it")
 async def get_job(
     job_id: str,
-    conveyor: ConveyorDep,
-    watcher: WatcherDep,
+    request: Request,
     _principal: CanRead,
     wait: Annotated[
         float, Query(ge=0, le=60, description="Hold the request up to this many seconds until the job finishes.")
     ] = 0,
 ) -> JobPublic:
+    conveyor = conveyor_of(request)
     job = await conveyor.get_job(job_id)
     if wait > 0 and not job.finished:
-        await watcher.wait(job_id, wait)
+        await watcher_of(request).wait(job_id, wait)
         job = await conveyor.get_job(job_id)
     return JobPublic.of(job)
 
