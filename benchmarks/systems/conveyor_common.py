@@ -55,7 +55,8 @@ class ConveyorSystem(System):
     def configuration(self) -> dict[str, str]:
         return {
             "general": f"{self.options['processes']} worker process(es) x concurrency {self.options['concurrency']} "
-            "(claims min(free slots, claim_batch_size=100) at a time), "
+            "(claims up to its free slots plus prefetch, at most claim_batch_size=100 at a time; "
+            "prefetch default = min(concurrency, 100)), "
             f"async task; bulk enqueue with app.enqueue_many, {BULK_CHUNK} jobs a call; single enqueue with "
             "task.enqueue()",
             "io": "1 worker process x concurrency 100, async task (asyncio.sleep)",

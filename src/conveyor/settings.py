@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     schedule_interval_seconds: float = Field(default=1.0, gt=0, le=3_600)
     """The longest a worker's scheduler sleeps between looks; it also wakes when a tick comes due."""
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
+    prefetch: int | None = Field(default=None, ge=0, le=10_000)
+    """Jobs a worker claims beyond its concurrency, leased and waiting for a slot, so a slot that
+    frees starts its next job at once; None means ``min(concurrency, claim_batch_size)``, 0 none."""
     pool_size: int = Field(default=10, ge=1, le=1_000)
     """PostgreSQL connections kept open per process."""
     max_overflow: int = Field(default=10, ge=0, le=1_000)

@@ -406,3 +406,86 @@ async def test_backoff_schedule_defaults_to_exponential_with_full_jitter() -> No
     backoff = Exponential(base=1, factor=2, maximum=10)
     assert [backoff.cap(attempt) for attempt in range(1, 6)] == [1, 2, 4, 8, 10]
     assert all(0 <= backoff(attempt) <= backoff.cap(attempt) for attempt in range(1, 50))
+
+
+async def test_prefetched_jobs_start_as_slots_free_and_concurrency_still_holds(app: Conveyor) -> None:
+    active = 0
+    peak = 0
+    release = asyncio.Event()
+
+    @app.task
+    async def hold() -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await release.wait()
+        active -= 1
+
+    jobs = await app.enqueue_many([hold.job() for _ in range(10)])
+    async with running_worker(app, concurrency=2) as worker:
+        # Two run; two more are claimed (leased) and wait for a slot without running.
+        while worker.stats.claimed < 4:
+            await asyncio.sleep(0.01)
+        states = [(await app.get_job(job.id)).state for job in jobs]
+        assert states.count(JobState.RUNNING) == 4, "two running, two prefetched (leased)"
+        assert active == 2
+        release.set()
+        while worker.stats.acked < 10:
+            await asyncio.sleep(0.01)
+
+    assert peak == 2
+    assert worker.prefetch == 2
+    assert {(await app.get_job(job.id)).state for job in jobs} == {JobState.SUCCEEDED}
+
+
+async def test_shutdown_hands_back_prefetched_jobs_unrun_without_burning_an_attempt(app: Conveyor) -> None:
+    entered = asyncio.Event()
+
+    @app.task
+    async def linger() -> None:
+        entered.set()
+        await asyncio.sleep(0.1)
+
+    jobs = await app.enqueue_many([linger.job() for _ in range(3)])
+    async with running_worker(app, concurrency=1) as worker:
+        await asyncio.wait_for(entered.wait(), 10)
+        while worker.stats.claimed < 2:
+            await asyncio.sleep(0.01)
+
+    finals = [await app.get_job(job.id) for job in jobs]
+    ran = [job for job in finals if job.state is JobState.SUCCEEDED]
+    handed_back = [job for job in finals if job.state is JobState.QUEUED]
+    assert len(ran) == 1, "the one started finished within the grace period"
+    assert len(handed_back) == 2, "the prefetched one and the never-claimed one are queued"
+    assert all(job.attempt == 0 and job.lease_owner is None for job in handed_back)
+    assert sorted(record.outcome for job in handed_back for record in job.history) == [Outcome.RELEASED]
+
+
+async def test_a_prefetched_job_cancelled_before_its_turn_ends_cancelled_without_running(database_url: str) -> None:
+    app = Conveyor(database_url=database_url, cancel_check_seconds=0.05, poll_interval_seconds=0.05)
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    @app.task
+    async def step(name: str) -> None:
+        ran.append(name)
+        await release.wait()
+
+    try:
+        first = await step.enqueue("first")
+        second = await step.enqueue("second")
+        async with running_worker(app, concurrency=1) as worker:
+            while worker.stats.claimed < 2:
+                await asyncio.sleep(0.01)
+            await app.cancel_job(second.id)
+            while (await app.get_job(second.id)).state is not JobState.CANCELLED:
+                await asyncio.sleep(0.02)
+            release.set()
+            while (await app.get_job(first.id)).state is not JobState.SUCCEEDED:
+                await asyncio.sleep(0.02)
+
+        assert ran == ["first"]
+        cancelled = await app.get_job(second.id)
+        assert [record.outcome for record in cancelled.history] == [Outcome.CANCELLED]
+    finally:
+        await app.close()

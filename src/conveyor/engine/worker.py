@@ -1,6 +1,7 @@
 """A worker process's engine: the claim loop plus the small loops that keep it honest.
 
-- producer: claims up to free capacity, starts each job as an asyncio task
+- producer: claims up to free capacity (slots plus a prefetch buffer), starts each job as an
+  asyncio task; a prefetched job starts the moment a slot frees, with no claim round trip between
 - acker: writes outcomes in batches, retrying a failed write (acks are idempotent)
 - heartbeat: renews the leases of running jobs
 - rescuer: ends attempts whose lease expired, on any worker's behalf
@@ -15,6 +16,7 @@ signal skips the grace period.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -102,7 +104,16 @@ class Worker:
             self.events.subscribe(self.metrics.on_event)
         self.stats = WorkerStats()
         self._clock: Callable[[], datetime] = app.clock
+        # Every job this worker holds a lease on: started ones, and prefetched ones waiting for a slot.
         self._running: dict[str, _Running] = {}
+        self._prefetched: collections.deque[_Running] = collections.deque()
+        self._active = 0
+        self.prefetch = (
+            min(self.concurrency, self.settings.claim_batch_size)
+            if self.settings.prefetch is None
+            else self.settings.prefetch
+        )
+        self._executor: Executor | None = None
         self._acks: list[Ack] = []
         self._claims = 0
         # Made here, not in run(): a stop() that comes before run() starts must still count.
@@ -152,7 +163,7 @@ class Worker:
                 loop.add_signal_handler(signum, self._on_signal, signum)
         cpu_pool = CpuPool(self.settings.cpu_workers, log_level=self.settings.log_level)
         http = outgoing.create_client()
-        executor = Executor(
+        executor = self._executor = Executor(
             self.app.get_task,
             worker_id=self.id,
             cpu_pool=cpu_pool,
@@ -162,14 +173,19 @@ class Worker:
         )
         if self.metrics is not None:
             self.metrics.capacity.inc(self.concurrency)
-            self.metrics.count_running(self, self._running.__len__)
+            self.metrics.count_running(self, lambda: self._active)
         rates = {name: task.options.rate_limit for name, task in self.app.tasks.items() if task.options.rate_limit}
         self._limits = ClaimLimits(queues=self.settings.queue_limits, rates=rates).for_queues(self.queues)
+        if self._limits is not None:
+            # A limit counts leased jobs as running and a rate counts claims as starts: a prefetched
+            # job would hold a place it does not use yet.
+            self.prefetch = 0
         logger.info(
             "worker.started",
             worker=self.id,
             queues=list(self.queues),
             concurrency=self.concurrency,
+            prefetch=self.prefetch,
             tasks=sorted(self.app.tasks),
             **(self._limits or ClaimLimits()).describe(),
         )
@@ -215,16 +231,17 @@ class Worker:
 
     async def _produce(self, store: Store, executor: Executor, *, drain: bool) -> None:
         assert self._changed is not None
+        capacity = self.concurrency + self.prefetch
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
+            free = capacity - len(self._running)
             if free <= 0:
                 await self._wait_for_change(None)
                 continue
-            if self._running and free < min(self.concurrency // 2, self.settings.claim_batch_size):
+            if self._running and free < min(capacity // 2, self.settings.claim_batch_size):
                 # Slots free up one by one; claiming each alone costs a transaction apiece.
                 # Wait a moment for more, unless the claim would fill half the capacity.
                 await asyncio.sleep(_CLAIM_COALESCE_SECONDS)
-                free = self.concurrency - len(self._running)
+                free = capacity - len(self._running)
             acks_before = self._ack_rounds
             try:
                 jobs = await store.fetch_jobs(
@@ -258,7 +275,31 @@ class Worker:
     def _start(self, job: Job, executor: Executor) -> None:
         running = _Running(job=job, started_at=self._clock())
         self._running[job.id] = running
-        running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{job.id}")
+        if self._active < self.concurrency:
+            self._launch(running, executor)
+        else:
+            self._prefetched.append(running)
+
+    def _launch(self, running: _Running, executor: Executor) -> None:
+        self._active += 1
+        running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{running.job.id}")
+
+    def _launch_prefetched(self, executor: Executor) -> None:
+        """Start prefetched jobs in the slots free now; none once the worker is stopping."""
+        while self._prefetched and self._active < self.concurrency and not self._stopping.is_set():
+            running = self._prefetched.popleft()
+            if self._running.get(running.job.id) is running:  # not dropped (cancelled, lease lost)
+                running.started_at = self._clock()
+                self._launch(running, executor)
+
+    def _drop_prefetched(self, running: _Running, ack: Ack | None) -> None:
+        """Let go of a prefetched job that never started, acking it if it still is ours to ack."""
+        self._running.pop(running.job.id, None)
+        if ack is not None:
+            self._acks.append(ack)
+        assert self._ack_ready is not None
+        self._ack_ready.set()
+        self._wake()
 
     async def _attempt(self, running: _Running, executor: Executor) -> None:
         assert self._ack_ready is not None
@@ -277,6 +318,8 @@ class Worker:
             raise
         finally:
             self._running.pop(running.job.id, None)
+            self._active -= 1
+            self._launch_prefetched(executor)
             self._ack_ready.set()
             self._wake()
 
@@ -302,7 +345,15 @@ class Worker:
         self._changed.clear()
 
     async def _finish_running(self) -> None:
-        """Give running jobs the grace period, then cancel them (they hand themselves back)."""
+        """Hand back prefetched jobs; give running ones the grace period, then cancel them.
+
+        Cancelled attempts hand themselves back (see ``_attempt``).
+        """
+        assert self._executor is not None
+        while self._prefetched:
+            running = self._prefetched.popleft()
+            if self._running.get(running.job.id) is running:
+                self._drop_prefetched(running, self._executor.released(running.job, self._clock()))
         pending = {running.task for running in self._running.values() if running.task is not None}
         if not pending:
             return
@@ -374,6 +425,11 @@ class Worker:
         held = await store.heartbeat_jobs(leases, lease_seconds=self.settings.lease_seconds, now=self._clock())
         for job_id in set(leases) - held:
             running = self._running.get(job_id)
+            if running is not None and running.task is None:
+                # Prefetched, not started: the job is someone else's now; forget it, unrun.
+                logger.warning("worker.lease_lost", job_id=job_id, task=running.job.task, started=False)
+                self._drop_prefetched(running, None)
+                continue
             if running is None or running.task is None or running.task.done():
                 continue
             # Rescued or cancelled elsewhere: our result would be fenced out, so stop the work.
@@ -398,6 +454,11 @@ class Worker:
             return
         for job_id in await store.cancel_requested_among(asking):
             running = self._running.get(job_id)
+            if running is not None and running.task is None and self._executor is not None:
+                # Prefetched, not started: it ends cancelled without running at all.
+                running.cancel_requested = True
+                self._drop_prefetched(running, self._executor.cancelled(running.job, self._clock()))
+                continue
             if running is None or running.task is None or running.task.done():
                 continue
             running.cancel_requested = True
