@@ -6,14 +6,20 @@ correlation ids or other request data.
 
 from __future__ import annotations
 
-import functools
+import bisect
+import collections
+import itertools
+import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from conveyor.events import EventName, JobEvent
 
@@ -37,34 +43,95 @@ _OUTCOMES = {
 }
 
 
+class _Buckets:
+    """One histogram series: counts per bucket (not cumulative), their total and the sum."""
+
+    __slots__ = ("counts", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(BUCKETS, value)  # the first bucket whose bound is >= value
+        if index < len(BUCKETS):
+            self.counts[index] += 1
+        self.total += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = list(itertools.accumulate(self.counts))
+        return [*zip(map(floatToGoString, BUCKETS), running, strict=True), ("+Inf", self.total)]
+
+
+class JobTallies(Collector):
+    """Attempts started and ended, and how long they waited and ran: four series per job.
+
+    A worker records these for every job, and prometheus_client's metric objects take a lock and
+    walk the buckets in Python for each observation, which costs more than a no-op job itself.
+    Here an observation is a dict lookup, a bisect and a few additions under one lock; the
+    collector exposes the same series (names, labels, buckets) when the registry is scraped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self._waited: dict[tuple[str, str], _Buckets] = collections.defaultdict(_Buckets)
+        self._ended: dict[tuple[str, str, str], int] = collections.defaultdict(int)
+        self._ran: dict[tuple[str, str, str], _Buckets] = collections.defaultdict(_Buckets)
+
+    def started(self, queue: str, task: str, waited: float | None) -> None:
+        key = (queue, task)
+        with self._lock:
+            self._started[key] += 1
+            if waited is not None:
+                self._waited[key].observe(waited)
+
+    def ended(self, queue: str, task: str, outcome: str, ran: float | None) -> None:
+        key = (queue, task, outcome)
+        with self._lock:
+            self._ended[key] += 1
+            if ran is not None:
+                self._ran[key].observe(ran)
+
+    def collect(self) -> Iterator[Metric]:
+        started = CounterMetricFamily(
+            "conveyor_jobs_started", "Attempts started by this process's workers.", labels=["queue", "task"]
+        )
+        ended = CounterMetricFamily(
+            "conveyor_jobs_completed",
+            "Attempts ended, by outcome: succeeded, retried, dead, lost (lease expired) or released (shutdown).",
+            labels=["queue", "task", "outcome"],
+        )
+        ran = HistogramMetricFamily(
+            "conveyor_job_duration_seconds", "How long attempts ran.", labels=["queue", "task", "outcome"]
+        )
+        waited = HistogramMetricFamily(
+            "conveyor_job_queue_wait_seconds",
+            "How long jobs waited between being due and being started.",
+            labels=["queue", "task"],
+        )
+        with self._lock:
+            for key, count in self._started.items():
+                started.add_metric(list(key), count)
+            for key, count in self._ended.items():
+                ended.add_metric(list(key), count)
+            for key, series in self._ran.items():
+                ran.add_metric(list(key), series.cumulative(), series.sum)
+            for key, series in self._waited.items():
+                waited.add_metric(list(key), series.cumulative(), series.sum)
+        yield from (started, ended, ran, waited)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.enqueued = Counter("conveyor_jobs_enqueued", "Jobs stored to run.", ["queue", "task"], registry=registry)
-        self.started = Counter(
-            "conveyor_jobs_started", "Attempts started by this process's workers.", ["queue", "task"], registry=registry
-        )
-        self.completed = Counter(
-            "conveyor_jobs_completed",
-            "Attempts ended, by outcome: succeeded, retried, dead, lost (lease expired) or released (shutdown).",
-            ["queue", "task", "outcome"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "conveyor_job_duration_seconds",
-            "How long attempts ran.",
-            ["queue", "task", "outcome"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.queue_wait = Histogram(
-            "conveyor_job_queue_wait_seconds",
-            "How long jobs waited between being due and being started.",
-            ["queue", "task"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
+        # Per-attempt series: tallied as plain numbers, turned into metrics when scraped.
+        self.jobs = JobTallies()
+        registry.register(self.jobs)
         self.in_flight = Gauge(
             "conveyor_worker_jobs_in_flight", "Jobs running in this process's workers now.", registry=registry
         )
@@ -106,26 +173,13 @@ class Metrics:
         self._workers_running.pop(worker, None)
 
     def on_event(self, event: JobEvent) -> None:
-        """Subscriber for the worker's events: two cached children per event, no label lookups."""
+        """Subscriber for the worker's events."""
         job = event.job
         if event.name is EventName.STARTED:
-            started, queue_wait = self._started_children(job.queue, job.task)
-            started.inc()
-            if job.attempted_at is not None:
-                queue_wait.observe(max((job.attempted_at - job.run_at).total_seconds(), 0.0))
-            return
-        completed, duration = self._completed_children(job.queue, job.task, _OUTCOMES[event.name])
-        completed.inc()
-        if event.duration is not None:
-            duration.observe(event.duration)
-
-    @functools.lru_cache(maxsize=4_096)  # noqa: B019 - one Metrics per app, living as long as it
-    def _started_children(self, queue: str, task: str) -> tuple[Any, Any]:
-        return self.started.labels(queue, task), self.queue_wait.labels(queue, task)
-
-    @functools.lru_cache(maxsize=4_096)  # noqa: B019 - one Metrics per app, living as long as it
-    def _completed_children(self, queue: str, task: str, outcome: str) -> tuple[Any, Any]:
-        return self.completed.labels(queue, task, outcome), self.duration.labels(queue, task, outcome)
+            wait = None if job.attempted_at is None else max((job.attempted_at - job.run_at).total_seconds(), 0.0)
+            self.jobs.started(job.queue, job.task, wait)
+        else:
+            self.jobs.ended(job.queue, job.task, _OUTCOMES[event.name], event.duration)
 
     async def refresh_queues(self, store: Store, now: datetime, *, max_age: float = 5.0) -> None:
         """Queue depth from the database, at most every ``max_age`` seconds (scrapes stay cheap)."""
