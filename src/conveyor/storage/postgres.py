@@ -304,6 +304,15 @@ async def copy_in(connection: Any, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
+_GET_SQL = f"SELECT {_RETURNING}, waiting_on FROM conveyor_jobs WHERE id = $1"  # noqa: S608 - constant
+
+
+async def get_in_one_statement(connection: Any, job_id: str) -> dict[str, Any] | None:
+    """One job's row with its JSON decoded, or None: the read behind every poll of a job."""
+    record = await connection.fetchrow(_GET_SQL, job_id)
+    return None if record is None else _decoded(record)
+
+
 _RUNNABLE_IN = "state IN ('queued', 'scheduled', 'retrying')"
 # The state list is written out, not a parameter, so the planner can use the partial index of
 # runnable jobs (its predicate names these states). Each queue is read with `queue = ...`, never

@@ -776,7 +776,15 @@ class SqlStore:
     @_guarded
     async def get_job(self, job_id: str) -> Job | None:
         async with self._read_engine.connect() as conn:
-            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+            if self.dialect == "postgresql":
+                # Straight to the driver: clients poll jobs, and SQLAlchemy's statement and row
+                # processing cost several times the query itself.
+                from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+                raw = await conn.get_raw_connection()
+                row = await postgres.get_in_one_statement(raw.driver_connection, job_id)
+            else:
+                row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
         return _row_to_job(row) if row else None
 
     @_guarded
