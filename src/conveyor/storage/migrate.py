@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from conveyor.errors import SchemaError, StorageError
 from conveyor.storage import dialects
@@ -71,11 +72,21 @@ class SchemaStatus:
 
 async def status(engine: AsyncEngine) -> SchemaStatus:
     try:
-        async with engine.connect() as conn:
-            current = await conn.run_sync(_current_revision)
+        # A process opening SQLite while another writes can find it busy for a moment (a "database
+        # is locked" that the busy timeout does not cover): a short retry, as for any transient error.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(dialects.is_transient),
+            stop=stop_after_delay(5),
+            wait=wait_random_exponential(multiplier=0.02, max=0.5),
+            reraise=True,
+        ):
+            with attempt:
+                async with engine.connect() as conn:
+                    current = await conn.run_sync(_current_revision)
+                return SchemaStatus(current=current, head=head_revision())
     except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot read the schema revision: {exc}") from exc
-    return SchemaStatus(current=current, head=head_revision())
+    raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
 
 async def _migrate(engine: AsyncEngine, work: Any) -> Any:
