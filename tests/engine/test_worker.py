@@ -489,3 +489,69 @@ async def test_a_prefetched_job_cancelled_before_its_turn_ends_cancelled_without
         assert [record.outcome for record in cancelled.history] == [Outcome.CANCELLED]
     finally:
         await app.close()
+
+
+async def test_a_prefetched_job_whose_lease_is_lost_is_dropped_unrun(database_url: str) -> None:
+    app = Conveyor(database_url=database_url, lease_seconds=0.6, poll_interval_seconds=0.05)
+    entered = asyncio.Event()
+    stopped = asyncio.Event()
+    ran: list[str] = []
+
+    @app.task(max_attempts=1)
+    async def step(name: str) -> None:
+        ran.append(name)
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    try:
+        first = await step.enqueue("first")
+        second = await step.enqueue("second")
+        async with running_worker(app, concurrency=1) as worker:
+            await asyncio.wait_for(entered.wait(), 10)
+            while worker.stats.claimed < 2:
+                await asyncio.sleep(0.01)
+            # Another party rescues both, as if this worker's leases had run out: the running one
+            # is stopped, and the prefetched one must not start under a lease it no longer holds.
+            rescued = await (await app.store()).rescue_jobs(now=app.clock() + timedelta(hours=1))
+            assert {found.id for found in rescued} == {first.id, second.id}
+            await asyncio.wait_for(stopped.wait(), 10)
+
+        assert ran == ["first"]
+        dropped = await app.get_job(second.id)
+        assert dropped.state is JobState.DEAD
+        assert [record.outcome for record in dropped.history] == [Outcome.LOST]
+    finally:
+        await app.close()
+
+
+async def test_jobs_in_flight_counts_the_running_not_the_prefetched(app: Conveyor) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.task
+    async def hold() -> None:
+        entered.set()
+        await release.wait()
+
+    def in_flight() -> float:
+        line = next(
+            line
+            for line in app.metrics.render().decode().splitlines()
+            if line.startswith("conveyor_worker_jobs_in_flight ")
+        )
+        return float(line.split()[1])
+
+    await app.enqueue_many([hold.job() for _ in range(3)])
+    async with running_worker(app, concurrency=1) as worker:
+        await asyncio.wait_for(entered.wait(), 10)
+        while worker.stats.claimed < 2:
+            await asyncio.sleep(0.01)
+        assert in_flight() == 1, "one running; the prefetched one is not in flight"
+        release.set()
+        while worker.stats.acked < 3:
+            await asyncio.sleep(0.01)
+        assert in_flight() == 0

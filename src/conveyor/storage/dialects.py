@@ -275,19 +275,17 @@ SQLITE_BULK_ACK = sa.text("""
 """)
 
 
-def _sqlite_columns() -> tuple[str, ...]:
-    from conveyor.storage.schema import jobs  # noqa: PLC0415 - the schema imports this module
+def _sqlite_columns() -> tuple[tuple[str, ...], frozenset[str], frozenset[str]]:
+    """The jobs table's columns, and which of them hold times and JSON (as the schema types them)."""
+    from conveyor.storage.schema import UTCDateTime, jobs  # noqa: PLC0415 - the schema imports this module
 
-    return tuple(column.name for column in jobs.c)
+    names = tuple(column.name for column in jobs.c)
+    times = frozenset(column.name for column in jobs.c if isinstance(column.type, UTCDateTime))
+    documents = frozenset(column.name for column in jobs.c if isinstance(column.type, sa.JSON))
+    return names, times, documents
 
 
-_SQLITE_JOB_COLUMNS = _sqlite_columns()
-_SQLITE_TIME_COLUMNS = frozenset(
-    ("run_at", "lease_expires_at", "attempted_at", "finished_at", "cancel_requested_at", "created_at", "updated_at")
-)
-_SQLITE_JSON_COLUMNS = frozenset(
-    ("args", "kwargs", "history", "result", "error", "trace_context", "progress", "input_template")
-)
+_SQLITE_JOB_COLUMNS, _SQLITE_TIME_COLUMNS, _SQLITE_JSON_COLUMNS = _sqlite_columns()
 
 
 @functools.cache
