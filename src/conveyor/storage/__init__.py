@@ -94,4 +94,14 @@ async def open_store(settings: Settings) -> Store:
     except BaseException:
         await engine.dispose()
         raise
-    return SqlStore(engine)
+    if engine.dialect.name != "postgresql":
+        return SqlStore(engine)
+    from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+    driver = postgres.DriverPool(
+        postgres.asyncpg_dsn(engine.url),
+        max_size=settings.pool_size + settings.max_overflow,
+        acquire_timeout=settings.pool_timeout_seconds,
+        connect_args=dialects.postgres_connect_args(settings),
+    )
+    return SqlStore(engine, driver)

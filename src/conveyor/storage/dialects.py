@@ -92,17 +92,22 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout_seconds,
-        connect_args={
-            "timeout": min(settings.statement_timeout_seconds, 30.0),
-            "command_timeout": settings.statement_timeout_seconds,
-            # No bitmap scans: on a table whose statistics lag (a bulk enqueue, autovacuum behind or
-            # off), the planner takes a few due jobs for granted and reads the runnable index as a
-            # bitmap, then sorts every due job to claim a hundred. The claim must walk the index
-            # in order and stop at its limit, whatever the statistics say; Conveyor's other
-            # queries are key lookups and index ranges that a plain index scan serves as well.
-            "server_settings": {"application_name": "conveyor", "enable_bitmapscan": "off"},
-        },
+        connect_args=postgres_connect_args(settings),
     )
+
+
+def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    """asyncpg's connection options, the same for SQLAlchemy's pool and the driver's own."""
+    return {
+        "timeout": min(settings.statement_timeout_seconds, 30.0),
+        "command_timeout": settings.statement_timeout_seconds,
+        # No bitmap scans: on a table whose statistics lag (a bulk enqueue, autovacuum behind or
+        # off), the planner takes a few due jobs for granted and reads the runnable index as a
+        # bitmap, then sorts every due job to claim a hundred. The claim must walk the index
+        # in order and stop at its limit, whatever the statistics say; Conveyor's other
+        # queries are key lookups and index ranges that a plain index scan serves as well.
+        "server_settings": {"application_name": "conveyor", "enable_bitmapscan": "off"},
+    }
 
 
 def _create_sqlite_engine(url: sa.URL, settings: Settings) -> AsyncEngine:

@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import CoroutineType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import asyncpg
 import sqlalchemy as sa
@@ -47,6 +47,9 @@ from conveyor.storage import workflows as workflow_store
 from conveyor.storage.schema import IS_RUNNABLE, JSONType, UTCDateTime, jobs, tokens, workflows
 from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
 
+if TYPE_CHECKING:
+    from conveyor.storage.postgres import DriverPool
+
 _FINISHED = [state.value for state in FINISHED_STATES]
 
 P = ParamSpec("P")
@@ -71,9 +74,17 @@ def _guarded(
     async def wrapper(self: SqlStore, *args: P.args, **kwargs: P.kwargs) -> R:
         retryable = kwargs.get("connection") is None
         try:
+            # The first try runs bare: nearly every call succeeds at once, and setting up the
+            # retry loop would cost as much Python as reading one job. A failed first try is
+            # tried again at once (on another connection), then with backoff.
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as exc:
+                if not (retryable and dialects.is_transient(exc)):
+                    raise
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(lambda exc: retryable and dialects.is_transient(exc)),
-                stop=stop_after_attempt(8) | stop_after_delay(30),
+                stop=stop_after_attempt(7) | stop_after_delay(30),
                 wait=wait_random_exponential(multiplier=0.05, max=2),
                 reraise=True,
             ):
@@ -171,8 +182,10 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
 class SqlStore:
     """The ``Store`` on SQLAlchemy Core. One instance serves one event loop."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, driver: DriverPool | None = None) -> None:
         self._engine = engine
+        # PostgreSQL: the per-job statements go straight to asyncpg, on its own pool.
+        self._driver = driver
         self._write_engine = engine.execution_options(**{dialects.WRITE_OPTION: True})
         # PostgreSQL reads skip BEGIN/ROLLBACK, two round trips each. (On SQLite, switching a
         # connection to autocommit and back costs more than the transaction it saves.)
@@ -197,6 +210,8 @@ class SqlStore:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        if self._driver is not None:
+            await self._driver.close()
         await self._engine.dispose()
 
     def _listen(self) -> None:
@@ -228,6 +243,13 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             await self._notify(conn, postgres.FINISHED_CHANNEL, postgres.chunk_ids(sorted(job_ids)))
+
+    @contextlib.asynccontextmanager
+    async def _driven(self) -> AsyncGenerator[Any]:
+        """A bare asyncpg connection in autocommit, for one statement (PostgreSQL)."""
+        assert self._driver is not None, "open_store gives a PostgreSQL store its driver pool"
+        async with self._driver.connection() as connection:
+            yield connection
 
     @contextlib.asynccontextmanager
     async def _writing(self, connection: AsyncConnection | None = None) -> AsyncGenerator[AsyncConnection]:
@@ -277,12 +299,11 @@ class SqlStore:
             # statement, one round trip however many jobs (and no BEGIN/COMMIT around it).
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-            async with self._read_engine.connect() as conn:
-                raw = await conn.get_raw_connection()
+            async with self._driven() as driven:
                 if len(rows) >= _COPY_FROM:
-                    await postgres.copy_in(raw.driver_connection, rows)
+                    await postgres.copy_in(driven, rows)
                 else:
-                    await postgres.insert_in_one_statement(raw.driver_connection, rows)
+                    await postgres.insert_in_one_statement(driven, rows)
             if runnable_queues:
                 self._work_added.set()
             return [_row_to_job(row) for row in rows]
@@ -455,10 +476,9 @@ class SqlStore:
             # COMMIT takes two round trips off every wake-up-to-start.
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-            async with self._read_engine.connect() as conn:
-                raw = await conn.get_raw_connection()
+            async with self._driven() as driven:
                 rows = await postgres.claim_in_one_statement(
-                    raw.driver_connection,
+                    driven,
                     queues=queues,
                     limit=limit,
                     lease_owner=lease_owner,
@@ -642,9 +662,8 @@ class SqlStore:
             # the acks and their NOTIFY go in one autocommit statement, one round trip in all.
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-            async with self._read_engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                applied = await postgres.ack_in_one_statement(raw.driver_connection, self._ack_columns(acks, now), now)
+            async with self._driven() as driven:
+                applied = await postgres.ack_in_one_statement(driven, self._ack_columns(acks, now), now)
             self._announce_finished(applied)
             return applied
         async with self._writing() as conn:
@@ -775,15 +794,15 @@ class SqlStore:
 
     @_guarded
     async def get_job(self, job_id: str) -> Job | None:
-        async with self._read_engine.connect() as conn:
-            if self.dialect == "postgresql":
-                # Straight to the driver: clients poll jobs, and SQLAlchemy's statement and row
-                # processing cost several times the query itself.
-                from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+        if self.dialect == "postgresql":
+            # Straight to the driver: clients poll jobs, and SQLAlchemy's statement and row
+            # processing cost several times the query itself.
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-                raw = await conn.get_raw_connection()
-                row = await postgres.get_in_one_statement(raw.driver_connection, job_id)
-            else:
+            async with self._driven() as driven:
+                row = await postgres.get_in_one_statement(driven, job_id)
+        else:
+            async with self._read_engine.connect() as conn:
                 row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
         return _row_to_job(row) if row else None
 

@@ -1,0 +1,61 @@
+"""PostgreSQL's per-job statements (enqueue, claim, ack, read) go straight to the driver, on
+asyncpg's own pool: these tests hold that path to the same promises as the rest of the store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from tests.storage.test_store import T0
+from tests.support import postgres
+
+from conveyor.jobs import Ack, AttemptRecord, JobState, NewJob, Outcome
+from conveyor.settings import Settings
+from conveyor.storage import Store, open_store
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def store(postgres_database: str) -> AsyncIterator[Store]:
+    await postgres.truncate(postgres_database)
+    opened = await open_store(Settings(database_url=postgres_database))
+    yield opened
+    await opened.close()
+
+
+async def _end_sessions(url: str) -> int:
+    """Have the server end every session Conveyor has open on the database, as a restart would."""
+    admin = await asyncpg.connect(url)
+    try:
+        return await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'conveyor' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+
+
+async def test_the_per_job_statements_carry_on_after_the_server_ends_their_sessions(
+    store: Store, postgres_database: str
+) -> None:
+    (first,) = await store.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+    assert await _end_sessions(postgres_database) >= 1, "the store's driver connection was open"
+
+    (second,) = await store.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+    await _end_sessions(postgres_database)
+    claimed = await store.fetch_jobs(queues=["default"], limit=10, lease_owner="w#1", lease_seconds=30, now=T0)
+    await _end_sessions(postgres_database)
+    record = AttemptRecord(attempt=1, worker="w", started_at=T0, ended_at=T0, outcome=Outcome.SUCCEEDED)
+    acks = [
+        Ack(job_id=job.id, lease_owner="w#1", workflow_id=None, state=JobState.SUCCEEDED, record=record)
+        for job in claimed
+    ]
+    applied = await store.ack_jobs(acks, now=T0)
+    await _end_sessions(postgres_database)
+    read = await store.get_job(second.id)
+
+    assert {job.id for job in claimed} == applied == {first.id, second.id}
+    assert read is not None
+    assert read.state is JobState.SUCCEEDED
