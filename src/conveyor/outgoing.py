@@ -54,9 +54,6 @@ def current_client() -> httpx.AsyncClient:
     return client
 
 
-def use_client(client: httpx.AsyncClient) -> contextvars.Token[httpx.AsyncClient | None]:
-    return _client.set(client)
-
-
-def reset_client(token: contextvars.Token[httpx.AsyncClient | None]) -> None:
-    _client.reset(token)
+def use_client(client: httpx.AsyncClient) -> None:
+    """Make ``client`` the one ``ctx.http`` gives, in the current context (the attempt's task)."""
+    _client.set(client)

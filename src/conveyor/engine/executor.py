@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import threading
 import time
@@ -21,7 +20,7 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 from conveyor import outgoing, tracing
 from conveyor.backoff import DEFAULT_BACKOFF
 from conveyor.context import CancelFlag, JobContext
-from conveyor.correlation import bind_correlation_id, reset_correlation_id
+from conveyor.correlation import bind_correlation_id
 from conveyor.engine.cpu import CpuPool, ProcessCrashedError, RemoteFailure
 from conveyor.errors import PermanentError, UnknownTaskError
 from conveyor.events import EventName, Events, JobEvent
@@ -56,6 +55,15 @@ class Executor:
         self._events = events
         self._clock = clock
         self._http = http
+        self._traced = tracing.tracing_installed()
+
+    def notice_tracing(self) -> None:
+        """Look again for a tracer provider (one installed since counts from the next attempt).
+
+        Asked once per claim, not per attempt: the lookup reads the environment each time
+        while no provider is installed, a cost on the scale of a no-op job.
+        """
+        self._traced = tracing.tracing_installed()
 
     async def execute(
         self,
@@ -66,29 +74,25 @@ class Executor:
         """Run one attempt of a claimed job. Cancellation propagates: the caller hands the job back.
 
         While it runs, the job's correlation id, identity and trace are current: every log line
-        the task writes carries them, and so does every call made with ``ctx.http``.
+        the task writes carries them, and so does every call made with ``ctx.http``. Call it as
+        the body of the attempt's own asyncio task: the values are set in that task's context
+        and never reset, since the context ends with the task (resetting them would cost more,
+        for a no-op task, than the task itself).
         """
-        # Bound and reset by hand, not through nested context managers: this runs once per job,
-        # and for a no-op task the generator machinery would cost more than the task itself.
         fields = {"job_id": job.id, "task": job.task, "attempt": job.attempt, "worker": self._worker_id}
         if job.correlation_id is not None:
             fields["correlation_id"] = job.correlation_id
-        log_tokens = structlog.contextvars.bind_contextvars(**fields)
-        correlation_token = bind_correlation_id(job.correlation_id)
-        client_token = outgoing.use_client(self._http) if self._http is not None else None
-        try:
-            if not tracing.tracing_installed():
-                return await self._attempt(job, cancel_event, progress_sink)
-            with tracing.attempt_span(job, self._worker_id) as span:
-                ack = await self._attempt(job, cancel_event, progress_sink)
-                if ack.error is not None:
-                    tracing.mark_failed(span, ack.error.type, ack.error.message)
-                return ack
-        finally:
-            if client_token is not None:
-                outgoing.reset_client(client_token)
-            reset_correlation_id(correlation_token)
-            structlog.contextvars.reset_contextvars(**log_tokens)
+        structlog.contextvars.bind_contextvars(**fields)
+        bind_correlation_id(job.correlation_id)
+        if self._http is not None:
+            outgoing.use_client(self._http)
+        if not self._traced:
+            return await self._attempt(job, cancel_event, progress_sink)
+        with tracing.attempt_span(job, self._worker_id) as span:
+            ack = await self._attempt(job, cancel_event, progress_sink)
+            if ack.error is not None:
+                tracing.mark_failed(span, ack.error.type, ack.error.message)
+            return ack
 
     async def _attempt(
         self,
@@ -141,20 +145,12 @@ class Executor:
         cancel_event: CancelFlag | None,
         progress_sink: Callable[[float, str | None], None] | None,
     ) -> Any:
-        context = JobContext(
-            job_id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            correlation_id=job.correlation_id,
-            cancel_event=cancel_event,
-            progress_sink=progress_sink,
-        )
+        if job.timeout_seconds is None:
+            return await self._invoke(task, job, cancel_event, progress_sink)
         deadline = asyncio.timeout(job.timeout_seconds)
         try:
             async with deadline:
-                return await self._invoke(task, job, context)
+                return await self._invoke(task, job, cancel_event, progress_sink)
         except TimeoutError:
             # Only our deadline is a timeout of the attempt; a TimeoutError the task raised
             # itself is an ordinary error, subject to its retry_on.
@@ -162,15 +158,21 @@ class Executor:
                 raise AttemptTimeoutError(f"the attempt ran past its timeout of {job.timeout_seconds}s") from None
             raise
 
-    async def _invoke(self, task: Task[..., Any], job: Job, context: JobContext) -> Any:
+    async def _invoke(
+        self,
+        task: Task[..., Any],
+        job: Job,
+        cancel_event: CancelFlag | None,
+        progress_sink: Callable[[float, str | None], None] | None,
+    ) -> Any:
         if task.options.cpu:
             # Cancelled at the deadline, the pool kills the attempt's process.
             # The child gets no cancel event (it cannot cross processes); a cancel kills the process.
-            plain = dataclasses.replace(context, cancel_event=None, progress_sink=None)
+            plain = _context(job, None, None)
             return await self._cpu_pool.run(task.__module__, task.__qualname__, job.args, job.kwargs, plain, None)
         args, kwargs = task.from_json_arguments(job.args, job.kwargs)
         if task.context_parameter:
-            kwargs[task.context_parameter] = context
+            kwargs[task.context_parameter] = _context(job, cancel_event, progress_sink)
         if task.is_async:
             return await task.fn(*args, **kwargs)
         # A thread cannot be stopped: past the deadline the attempt fails at once and the late
@@ -248,6 +250,21 @@ class Executor:
             state=JobState.CANCELLED,
             record=self._record(job, Outcome.CANCELLED, started_at),
         )
+
+
+def _context(
+    job: Job, cancel_event: CancelFlag | None, progress_sink: Callable[[float, str | None], None] | None
+) -> JobContext:
+    return JobContext(
+        job_id=job.id,
+        task=job.task,
+        queue=job.queue,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        correlation_id=job.correlation_id,
+        cancel_event=cancel_event,
+        progress_sink=progress_sink,
+    )
 
 
 class AttemptTimeoutError(Exception):

@@ -256,10 +256,15 @@ class Worker:
                 logger.warning("worker.claim_failed", error=str(exc))
                 await self._wait_for_change(self.settings.poll_interval)
                 continue
+            if jobs:
+                executor.notice_tracing()
             for job in jobs:
                 self._start(job, executor)
             self.stats.claimed += len(jobs)
             if jobs:
+                # Let the jobs just started take their first step before the next claim's own
+                # Python runs: an idle worker's one job starts a claim's worth sooner.
+                await asyncio.sleep(0)
                 continue
             # An ack that landed while the claim ran may have queued more (a workflow's next step).
             settled = self._ack_rounds == acks_before
@@ -282,7 +287,8 @@ class Worker:
 
     def _launch(self, running: _Running, executor: Executor) -> None:
         self._active += 1
-        running.task = asyncio.create_task(self._attempt(running, executor), name=f"conveyor-job-{running.job.id}")
+        # Unnamed: naming a task costs a string per job; its coroutine (Worker._attempt) says what it is.
+        running.task = asyncio.create_task(self._attempt(running, executor))
 
     def _launch_prefetched(self, executor: Executor) -> None:
         """Start prefetched jobs in the slots free now; none once the worker is stopping."""
