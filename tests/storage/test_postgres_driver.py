@@ -3,6 +3,7 @@ asyncpg's own pool: these tests hold that path to the same promises as the rest 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -10,7 +11,7 @@ import pytest
 from tests.storage.test_store import T0
 from tests.support import postgres
 
-from conveyor.jobs import Ack, AttemptRecord, JobState, NewJob, Outcome
+from conveyor.jobs import Ack, AttemptRecord, JobFilter, JobState, NewJob, Outcome
 from conveyor.settings import Settings
 from conveyor.storage import Store, open_store
 
@@ -59,3 +60,34 @@ async def test_the_per_job_statements_carry_on_after_the_server_ends_their_sessi
     assert {job.id for job in claimed} == applied == {first.id, second.id}
     assert read is not None
     assert read.state is JobState.SUCCEEDED
+
+
+async def test_a_process_holds_no_more_connections_than_its_pool_settings_allow(postgres_database: str) -> None:
+    await postgres.truncate(postgres_database)
+    opened = await open_store(Settings(database_url=postgres_database, pool_size=2, max_overflow=2))
+    admin = await asyncpg.connect(postgres_database)
+    seen: list[int] = []
+    try:
+        (job,) = await opened.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+
+        async def load() -> None:
+            # Per-job reads (the driver's pool) and listings (SQLAlchemy's), many at once.
+            for _ in range(10):
+                reads = [opened.get_job(job.id) for _ in range(20)]
+                listings = [opened.list_jobs(JobFilter(), limit=5) for _ in range(20)]
+                await asyncio.gather(*reads, *listings)
+
+        loading = asyncio.create_task(load())
+        while not loading.done():
+            seen.append(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = 'conveyor'"
+                )
+            )
+        await loading
+    finally:
+        await admin.close()
+        await opened.close()
+
+    assert 2 <= max(seen) <= 4, f"connections seen under load: {sorted(set(seen))}"

@@ -100,7 +100,7 @@ async def open_store(settings: Settings) -> Store:
 
     driver = postgres.DriverPool(
         postgres.asyncpg_dsn(engine.url),
-        max_size=settings.pool_size + settings.max_overflow,
+        max_size=dialects.driver_pool_size(settings),
         acquire_timeout=settings.pool_timeout_seconds,
         connect_args=dialects.postgres_connect_args(settings),
     )

@@ -89,11 +89,26 @@ def create_engine(settings: Settings) -> AsyncEngine:
         json_deserializer=loads,
         # No pre-ping: it would cost a round trip on every checkout. A connection that died is
         # found by the statement itself, and the store retries that (dialects.is_transient).
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
+        pool_size=engine_pool(settings)[0],
+        max_overflow=engine_pool(settings)[1],
         pool_timeout=settings.pool_timeout_seconds,
         connect_args=postgres_connect_args(settings),
     )
+
+
+def engine_pool(settings: Settings) -> tuple[int, int]:
+    """SQLAlchemy's share of a PostgreSQL process's connections, as (size, overflow): half of each.
+
+    The other half (``driver_pool_size``) is asyncpg's own pool, for the per-job statements, so
+    a process holds at most ``pool_size + max_overflow`` connections over both (at least two).
+    """
+    return max(1, settings.pool_size // 2), settings.max_overflow // 2
+
+
+def driver_pool_size(settings: Settings) -> int:
+    """The most connections asyncpg's own pool opens: what the engine's share leaves."""
+    size, overflow = engine_pool(settings)
+    return max(1, settings.pool_size + settings.max_overflow - size - overflow)
 
 
 def postgres_connect_args(settings: Settings) -> dict[str, Any]:
