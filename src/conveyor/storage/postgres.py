@@ -1,4 +1,4 @@
-"""PostgreSQL's own runtime pieces: the LISTEN connection and enqueue on a raw asyncpg connection.
+"""PostgreSQL's own runtime pieces: the LISTEN connection, and the per-job statements on asyncpg's own pool.
 
 ``dialects.py`` holds the SQL that differs between databases; this module holds what only
 PostgreSQL has at all.
