@@ -338,6 +338,25 @@ async def test_ack_succeeded_records_result_history_and_finished_at(store: Store
     )
 
 
+@pytest.mark.parametrize(
+    "result",
+    [
+        [2**70, -(2**63), 1.5, 'naïve ☃ "quoted"', None, {"nested": [None, True, {"k": "v"}]}, []],
+        "a plain string",
+        "2026-03-01T12:00:00+00:00",
+        0,
+        False,
+    ],
+)
+async def test_a_result_is_stored_exactly_as_the_task_returned_it(store: Store, result: Any) -> None:
+    await insert(store, new())
+    job = await claim_one(store)
+
+    await store.ack_jobs([ack_for(job, JobState.SUCCEEDED, now=T0, result=result)], now=T0)
+
+    assert (await get(store, job.id)).result == result
+
+
 async def test_ack_retrying_records_the_error_and_next_run_without_finishing(store: Store) -> None:
     await insert(store, new())
     job = await claim_one(store)

@@ -409,20 +409,18 @@ async def claim_in_one_statement(
 
 
 # The ack statement's named parameters, in the order the driver takes them positionally.
-_ACK_PARAMETERS = (
-    *("now", "channel"),
-    *("ids", "owners", "states", "results", "errors", "run_ats", "finished", "deltas", "entries"),
-)
+_ACK_PARAMETERS = ("now", "channel", "batch")
 _ACK_SQL = POSTGRES_BULK_ACK_AND_NOTIFY.text
 for _position, _name in enumerate(_ACK_PARAMETERS, 1):
     _ACK_SQL = re.sub(rf"(?<!:):{_name}\b", f"${_position}", _ACK_SQL)
 
 
-async def ack_in_one_statement(connection: Any, columns: Mapping[str, Sequence[Any]], now: Any) -> set[str]:
+async def ack_in_one_statement(connection: Any, batch: str, now: Any) -> set[str]:
     """Finish a batch of jobs and announce them, in one autocommit statement; return the ids that landed.
 
-    Sent straight to the driver: the statement is fixed, and going through SQLAlchemy's text
-    construct would cost more per batch than the server spends on it.
+    ``batch`` is the acks as one JSON array (``SqlStore._ack_batch``). Sent straight to the
+    driver: the statement is fixed, and going through SQLAlchemy's text construct would cost
+    more per batch than the server spends on it.
     """
-    found = await connection.fetch(_ACK_SQL, now, FINISHED_CHANNEL, *(columns[name] for name in _ACK_PARAMETERS[2:]))
+    found = await connection.fetch(_ACK_SQL, now, FINISHED_CHANNEL, batch)
     return {record[0] for record in found}

@@ -618,33 +618,28 @@ class SqlStore:
 
     async def _apply_acks_at_once(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         """Every ack of the batch in one statement: one round trip however large the batch."""
-        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {**self._ack_columns(acks, now), "now": now})
+        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {"batch": self._ack_batch(acks, now), "now": now})
         return set(rows.scalars())
 
     @staticmethod
-    def _ack_columns(acks: Sequence[Ack], now: datetime) -> dict[str, list[Any]]:
-        columns: dict[str, list[Any]] = {
-            "ids": [],
-            "owners": [],
-            "states": [],
-            "results": [],
-            "errors": [],
-            "run_ats": [],
-            "finished": [],
-            "deltas": [],
-            "entries": [],
-        }
-        for ack in acks:
-            columns["ids"].append(ack.job_id)
-            columns["owners"].append(ack.lease_owner)
-            columns["states"].append(ack.state.value)
-            columns["results"].append(None if ack.result is None else dialects.dumps(ack.result))
-            columns["errors"].append(dialects.dumps(ack.error.to_json()) if ack.error else None)
-            columns["run_ats"].append(ack.run_at)
-            columns["finished"].append(now if ack.state in FINISHED_STATES else None)
-            columns["deltas"].append(ack.attempt_delta)
-            columns["entries"].append(_json_text(ack.record.to_json()))
-        return columns
+    def _ack_batch(acks: Sequence[Ack], now: datetime) -> str:
+        """The acks as one JSON array, for PostgreSQL's ack statement (JSON values nested, times ISO)."""
+        return dialects.dumps(
+            [
+                {
+                    "id": ack.job_id,
+                    "owner": ack.lease_owner,
+                    "state": ack.state.value,
+                    "result": ack.result,
+                    "error": ack.error.to_json() if ack.error else None,
+                    "run_at": ack.run_at,
+                    "finished_at": now if ack.state in FINISHED_STATES else None,
+                    "delta": ack.attempt_delta,
+                    "entry": ack.record.to_json(),
+                }
+                for ack in acks
+            ]
+        )
 
     @_guarded
     async def ack_jobs(self, acks: Sequence[Ack], *, now: datetime) -> set[str]:
@@ -663,7 +658,7 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                applied = await postgres.ack_in_one_statement(driven, self._ack_columns(acks, now), now)
+                applied = await postgres.ack_in_one_statement(driven, self._ack_batch(acks, now), now)
             self._announce_finished(applied)
             return applied
         async with self._writing() as conn:
