@@ -27,7 +27,8 @@ class EventName(enum.StrEnum):
     """Stopped while running because a user cancelled it."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: two per attempt, and a frozen dataclass's __init__ costs several times a plain one's.
+@dataclass(slots=True)
 class JobEvent:
     name: EventName
     job: Job

@@ -216,7 +216,9 @@ class Job:
         }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a worker makes one per attempt, and a frozen dataclass's __init__ costs several
+# times a plain one's (a call to object.__setattr__ per field).
+@dataclass(slots=True)
 class Ack:
     """What a worker (or the rescuer) reports about one attempt; the store applies it.
 
