@@ -344,6 +344,19 @@ def sqlite_claim(
     return _sqlite_claim_sql(len(queues)), (lease_owner, lease_expires_at, now, now, now, *per_queue, *overall)
 
 
+_SQLITE_GET_JOB = f"SELECT {', '.join(_SQLITE_JOB_COLUMNS)} FROM conveyor_jobs WHERE id = ?"  # noqa: S608 - constant
+
+
+async def sqlite_get_job(driver: Any, job_id: str) -> dict[str, Any] | None:
+    """One job's row, decoded, read on the aiosqlite connection in one call into its thread.
+
+    Through SQLAlchemy's cursor, a read of one row makes about fifteen calls (begin, execute,
+    fetch, close, rollback), each a hop to the database's thread and back: 2 ms against 0.6.
+    """
+    found = list(await driver.execute_fetchall(_SQLITE_GET_JOB, (job_id,)))
+    return sqlite_job_row(found[0]) if found else None
+
+
 def sqlite_job_row(row: Sequence[Any]) -> dict[str, Any]:
     """A job row as SQLite returns it (times and JSON as text), decoded as the column types would."""
     decoded = dict(zip(_SQLITE_JOB_COLUMNS, row, strict=True))

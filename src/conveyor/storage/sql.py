@@ -798,7 +798,7 @@ class SqlStore:
                 row = await postgres.get_in_one_statement(driven, job_id)
         else:
             async with self._read_engine.connect() as conn:
-                row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+                row = await dialects.sqlite_get_job((await conn.get_raw_connection()).driver_connection, job_id)
         return _row_to_job(row) if row else None
 
     @_guarded
