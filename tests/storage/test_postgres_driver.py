@@ -14,6 +14,7 @@ from tests.support import postgres
 from conveyor.jobs import Ack, AttemptRecord, JobFilter, JobState, NewJob, Outcome
 from conveyor.settings import Settings
 from conveyor.storage import Store, open_store
+from conveyor.storage import postgres as pg
 
 pytestmark = pytest.mark.postgres
 
@@ -91,3 +92,20 @@ async def test_a_process_holds_no_more_connections_than_its_pool_settings_allow(
         await opened.close()
 
     assert 2 <= max(seen) <= 4, f"connections seen under load: {sorted(set(seen))}"
+
+
+async def test_a_claims_unflushed_commit_stays_with_the_claim(store: Store, postgres_database: str) -> None:
+    # A claim commits without waiting for the disk; the connection then goes back to the pool,
+    # where the next statement may be an enqueue, which must wait for the disk as always.
+    await store.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+    connection = await asyncpg.connect(postgres_database)
+    try:
+        claimed = await pg.claim_in_one_statement(
+            connection, queues=["default"], limit=10, lease_owner="w#1", lease_expires_at=T0, now=T0
+        )
+        after = await connection.fetchval("SHOW synchronous_commit")
+    finally:
+        await connection.close()
+
+    assert len(claimed) == 1
+    assert after == "on"

@@ -83,14 +83,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
         query = dict(url.query)
         query.setdefault("ssl", query.pop("sslmode"))
         url = url.set(query=query)
+    pool_size, max_overflow = engine_pool(settings)
     return create_async_engine(
         url,
         json_serializer=dumps,
         json_deserializer=loads,
         # No pre-ping: it would cost a round trip on every checkout. A connection that died is
         # found by the statement itself, and the store retries that (dialects.is_transient).
-        pool_size=engine_pool(settings)[0],
-        max_overflow=engine_pool(settings)[1],
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=settings.pool_timeout_seconds,
         connect_args=postgres_connect_args(settings),
     )

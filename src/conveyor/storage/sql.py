@@ -244,12 +244,10 @@ class SqlStore:
 
             await self._notify(conn, postgres.FINISHED_CHANNEL, postgres.chunk_ids(sorted(job_ids)))
 
-    @contextlib.asynccontextmanager
-    async def _driven(self) -> AsyncGenerator[Any]:
+    def _driven(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A bare asyncpg connection in autocommit, for one statement (PostgreSQL)."""
         assert self._driver is not None, "open_store gives a PostgreSQL store its driver pool"
-        async with self._driver.connection() as connection:
-            yield connection
+        return self._driver.connection()
 
     @contextlib.asynccontextmanager
     async def _writing(self, connection: AsyncConnection | None = None) -> AsyncGenerator[AsyncConnection]:
