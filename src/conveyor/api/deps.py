@@ -133,6 +133,9 @@ async def _authenticate(request: Request) -> Principal:
 
 _ANONYMOUS = Principal(ANONYMOUS, (Scope.ADMIN.value,))
 
-CanRead = Annotated[Principal, Depends(TokenAuth(Scope.JOBS_READ))]
-CanWrite = Annotated[Principal, Depends(TokenAuth(Scope.JOBS_WRITE))]
+# Called as dependencies, and directly by the routes that answer without FastAPI's handler.
+can_read = TokenAuth(Scope.JOBS_READ)
+can_write = TokenAuth(Scope.JOBS_WRITE)
+CanRead = Annotated[Principal, Depends(can_read)]
+CanWrite = Annotated[Principal, Depends(can_write)]
 Authenticated = Annotated[Principal, Depends(TokenAuth(None))]

@@ -9,8 +9,19 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from pydantic import ValidationError
 
-from conveyor.api.deps import CanRead, CanWrite, ConveyorDep, Principal, conveyor_of, watcher_of
+from conveyor.api.deps import (
+    CanRead,
+    CanWrite,
+    ConveyorDep,
+    Principal,
+    can_read,
+    can_write,
+    conveyor_of,
+    watcher_of,
+)
+from conveyor.api.direct import DirectRoute, answered_directly
 from conveyor.api.errors import ERROR_RESPONSES, ApiError
 from conveyor.api.schemas import (
     AttemptPublic,
@@ -30,14 +41,15 @@ from conveyor.errors import TaskArgumentsError, UnknownTaskError
 from conveyor.jobs import Job, JobState, NewJob
 from conveyor.tasks import EnqueueOptions
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ERROR_RESPONSES, route_class=DirectRoute)
 
+IDEMPOTENCY_KEY_MAX = 200
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=200,
+        max_length=IDEMPOTENCY_KEY_MAX,
         description="Submit once per key: a repeat with the same body returns the first job.",
     ),
 ]
@@ -83,6 +95,46 @@ def _replayed(new: NewJob, stored: Job) -> bool:
     return True
 
 
+async def _submit(
+    request: Request, body: JobCreate, principal: Principal, key: str | None
+) -> tuple[JobPublic, int, dict[str, str]]:
+    """Store a submitted job: the job as stored, the status to answer with and the extra headers."""
+    conveyor = conveyor_of(request)
+    new = _build(conveyor, body, principal, key)
+    # Concurrent submissions share one transaction (and one commit's fsync): see _GroupCommit.
+    stored = await conveyor.enqueue_new(new)
+    headers = {"Location": _job_url(request, stored.id)}
+    if _replayed(new, stored):
+        headers[REPLAYED_HEADER] = "true"
+        return JobPublic.of(stored), status.HTTP_200_OK, headers
+    return JobPublic.of(stored), status.HTTP_202_ACCEPTED, headers
+
+
+def _json(model: JobPublic, status_code: int = status.HTTP_200_OK, headers: dict[str, str] | None = None) -> Response:
+    # The response model's own serializer: the bytes FastAPI would send for it.
+    return Response(model.__pydantic_serializer__.to_json(model), status_code, headers, "application/json")
+
+
+async def _create_job_directly(request: Request) -> Response | None:
+    """``POST /jobs`` for a well-formed request (see conveyor.api.direct); None hands it to FastAPI."""
+    headers = request.headers
+    content_type = headers.get("content-type", "")
+    key = headers.get("idempotency-key")
+    if content_type != "application/json" and not content_type.startswith("application/json;"):
+        return None
+    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        return None
+    try:
+        # Parsed as FastAPI does (JSON to Python, then the model in Python mode), so the direct
+        # path accepts exactly what the standard one would.
+        body = JobCreate.model_validate(orjson.loads(await request.body()))
+    except (orjson.JSONDecodeError, ValidationError):
+        return None
+    principal = await can_write(request)
+    job, status_code, extra_headers = await _submit(request, body, principal, key)
+    return _json(job, status_code, extra_headers)
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -90,6 +142,7 @@ def _replayed(new: NewJob, stored: Job) -> bool:
     responses={200: {"model": JobPublic, "description": "A replay of an earlier request with the same key"}},
     summary="Submit a job",
 )
+@answered_directly(_create_job_directly)
 async def create_job(
     body: JobCreate,
     request: Request,
@@ -98,15 +151,10 @@ async def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Store a job and answer at once with its id; poll `GET /jobs/{id}` for the outcome."""
-    conveyor = conveyor_of(request)
-    new = _build(conveyor, body, principal, idempotency_key)
-    # Concurrent submissions share one transaction (and one commit's fsync): see _GroupCommit.
-    stored = await conveyor.enqueue_new(new)
-    if _replayed(new, stored):
-        response.status_code = status.HTTP_200_OK
-        response.headers[REPLAYED_HEADER] = "true"
-    response.headers["Location"] = _job_url(request, stored.id)
-    return JobPublic.of(stored)
+    job, status_code, headers = await _submit(request, body, principal, idempotency_key)
+    response.status_code = status_code
+    response.headers.update(headers)
+    return job
 
 
 def _job_url(request: Request, job_id: str) -> str:
@@ -165,7 +213,17 @@ def _item_error(index: int, code: str, message: str, details: Any) -> BatchItemR
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorEnvelope, "description": "No job has this id"}}
 
 
+async def _get_job_directly(request: Request) -> Response | None:
+    """``GET /jobs/{id}`` without waiting (see conveyor.api.direct); None hands it to FastAPI."""
+    if request.scope["query_string"]:
+        return None
+    await can_read(request)
+    job = await conveyor_of(request).get_job(request.path_params["job_id"])
+    return _json(JobPublic.of(job))
+
+
 @router.get("/{job_id}", response_model=JobPublic, responses=_NOT_FOUND, summary="Get a job, or wait for it")
+@answered_directly(_get_job_directly)
 async def get_job(
     job_id: str,
     request: Request,
