@@ -241,7 +241,12 @@ async def lock_for_migration(connection: Any) -> None:
 # Acks for PostgreSQL, all in one statement: each row still lands only while its job is running
 # under the ack's lease (the fence), exactly as the one-row form does. The batch travels as one
 # JSON document, as on SQLite: one orjson call for the whole batch, where nine arrays went through
-# the driver's generic array encoder, a dozen type checks per ack.
+# the driver's generic array encoder, a dozen type checks per ack. Each ack names the state it
+# expects its job in (`held`, always 'running') rather than the statement spelling it out: with
+# the constant, the planner matches the partial index of running jobs and hash-joins the batch
+# against every index entry of a running job, dead ones included, which under a steady stream of
+# jobs runs to thousands per batch until vacuum comes by. Against a value from the batch, the one
+# plan left is a primary-key lookup per ack.
 _BULK_ACK_UPDATE = """
     UPDATE conveyor_jobs AS job SET
         state = ack.state,
@@ -255,10 +260,10 @@ _BULK_ACK_UPDATE = """
         lease_expires_at = NULL,
         updated_at = :now
     FROM jsonb_to_recordset(CAST(:batch AS jsonb)) AS ack(
-        id text, owner text, state text, result jsonb, error jsonb,
+        id text, owner text, held text, state text, result jsonb, error jsonb,
         run_at timestamptz, finished_at timestamptz, delta int, entry jsonb
     )
-    WHERE job.id = ack.id AND job.state = 'running' AND job.lease_owner = ack.owner
+    WHERE job.id = ack.id AND job.state = ack.held AND job.lease_owner = ack.owner
     RETURNING job.id
 """
 POSTGRES_BULK_ACK = sa.text(_BULK_ACK_UPDATE)
