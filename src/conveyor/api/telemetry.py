@@ -20,14 +20,18 @@ def _route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+_fields_of: tuple[object, frozenset[bytes]] | None = None
+
+
 def _trace_headers(scope: Scope) -> dict[str, str]:
     """The request's headers that the installed propagators read (``traceparent``, ``baggage``...)."""
-    fields = propagate.get_global_textmap().fields
-    return {
-        name: value.decode("latin-1")
-        for name, value in ((raw.decode("latin-1"), value) for raw, value in scope["headers"])
-        if name in fields
-    }
+    global _fields_of  # noqa: PLW0603 - a one-entry cache
+    textmap = propagate.get_global_textmap()
+    if _fields_of is None or _fields_of[0] is not textmap:
+        # A composite propagator builds its set of fields anew on every call: kept per propagator.
+        _fields_of = (textmap, frozenset(field.encode("latin-1") for field in textmap.fields))
+    fields = _fields_of[1]
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in fields}
 
 
 class TelemetryMiddleware:
