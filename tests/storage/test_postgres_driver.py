@@ -15,7 +15,6 @@ from conveyor.jobs import Ack, AttemptRecord, JobFilter, JobState, NewJob, Outco
 from conveyor.settings import Settings
 from conveyor.storage import Store, open_store
 from conveyor.storage import postgres as pg
-from conveyor.storage.sql import SqlStore
 
 pytestmark = pytest.mark.postgres
 
@@ -110,32 +109,3 @@ async def test_a_claims_unflushed_commit_stays_with_the_claim(store: Store, post
 
     assert len(claimed) == 1
     assert after == "on"
-
-
-async def test_an_ack_finds_each_job_by_its_key_whatever_the_statistics_say(
-    store: Store, postgres_database: str
-) -> None:
-    # Statistics taken while a few jobs run tempt the planner to scan every running job's index
-    # entry (dead ones too, which a busy queue leaves by the thousand) to match the batch against.
-    assert isinstance(store, SqlStore)
-    await store.insert_jobs([NewJob(task="task", args=[], kwargs={}) for _ in range(2_000)], now=T0)
-    claimed = await store.fetch_jobs(queues=["default"], limit=100, lease_owner="w#1", lease_seconds=30, now=T0)
-    record = AttemptRecord(attempt=1, worker="w", started_at=T0, ended_at=T0, outcome=Outcome.SUCCEEDED)
-    acks = [
-        Ack(job_id=job.id, lease_owner="w#1", workflow_id=None, state=JobState.SUCCEEDED, record=record)
-        for job in claimed
-    ]
-    connection = await asyncpg.connect(postgres_database)
-    try:
-        await connection.execute("ANALYZE conveyor_jobs")
-        await connection.execute("SET enable_bitmapscan = off")  # as on Conveyor's own connections
-        plan = "\n".join(
-            row[0] for row in await connection.fetch("EXPLAIN " + pg._ACK_SQL, T0, "c", store._ack_batch(acks, T0))
-        )
-    finally:
-        await connection.close()
-
-    # (A table this small is read whole; a large one by its primary key.)
-    assert "ix_conveyor_jobs_leases" not in plan, plan
-    assert "ix_conveyor_jobs_state_queue" not in plan, plan
-    assert len(await store.ack_jobs(acks, now=T0)) == 100

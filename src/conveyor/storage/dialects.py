@@ -241,12 +241,7 @@ async def lock_for_migration(connection: Any) -> None:
 # Acks for PostgreSQL, all in one statement: each row still lands only while its job is running
 # under the ack's lease (the fence), exactly as the one-row form does. The batch travels as one
 # JSON document, as on SQLite: one orjson call for the whole batch, where nine arrays went through
-# the driver's generic array encoder, a dozen type checks per ack. Each ack names the state it
-# expects its job in (`held`, always 'running') rather than the statement spelling it out: with
-# the constant, the planner matches the partial index of running jobs and joins the batch against
-# all of it, every entry of a running job's row version, dead ones included, which a steady stream
-# of jobs leaves by the thousand until vacuum comes by (685 entries read per ack batch in a W1
-# drain). Against a value from the batch, what is left is a primary-key lookup per ack.
+# the driver's generic array encoder, a dozen type checks per ack.
 _BULK_ACK_UPDATE = """
     UPDATE conveyor_jobs AS job SET
         state = ack.state,
@@ -260,10 +255,10 @@ _BULK_ACK_UPDATE = """
         lease_expires_at = NULL,
         updated_at = :now
     FROM jsonb_to_recordset(CAST(:batch AS jsonb)) AS ack(
-        id text, owner text, held text, state text, result jsonb, error jsonb,
+        id text, owner text, state text, result jsonb, error jsonb,
         run_at timestamptz, finished_at timestamptz, delta int, entry jsonb
     )
-    WHERE job.id = ack.id AND job.state = ack.held AND job.lease_owner = ack.owner
+    WHERE job.id = ack.id AND job.state = 'running' AND job.lease_owner = ack.owner
     RETURNING job.id
 """
 POSTGRES_BULK_ACK = sa.text(_BULK_ACK_UPDATE)

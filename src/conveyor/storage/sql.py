@@ -627,7 +627,6 @@ class SqlStore:
                 {
                     "id": ack.job_id,
                     "owner": ack.lease_owner,
-                    "held": "running",
                     "state": ack.state.value,
                     "result": ack.result,
                     "error": ack.error.to_json() if ack.error else None,
