@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from tests.api.support import Api, add_token, assert_envelope, bearer, serve
 
 from conveyor import Conveyor
@@ -138,6 +138,10 @@ async def test_an_unknown_job_is_the_same_404_either_way(idle_api: Api) -> None:
 # -- the mechanism, on an app of its own ------------------------------------------------------
 
 
+def _header_dependency(x_path: Annotated[str | None, Header()] = None) -> str | None:
+    return x_path
+
+
 def _app(answered: list[str]) -> FastAPI:
     router = APIRouter(route_class=DirectRoute)
 
@@ -149,7 +153,7 @@ def _app(answered: list[str]) -> FastAPI:
 
     @router.get("/echo")
     @answered_directly(quick)
-    async def echo(x_path: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    async def echo(x_path: Annotated[str | None, Depends(_header_dependency)]) -> dict[str, Any]:
         answered.append("fastapi")
         return {"by": "fastapi", "asked": x_path}
 
@@ -177,6 +181,22 @@ async def test_a_direct_route_answers_directly_or_hands_the_request_to_fastapi()
     assert standard.json() == {"by": "fastapi", "asked": "other"}
     assert late.json() == {"by": "direct"}
     assert answered == ["direct", "fastapi", "direct"], "each request is answered once, by one path"
+
+
+async def test_with_dependency_overrides_every_request_goes_through_fastapi() -> None:
+    answered: list[str] = []
+    app = _app(answered)
+
+    def overridden() -> str:
+        return "overridden"
+
+    app.dependency_overrides[_header_dependency] = overridden
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/echo", headers={"x-path": "direct"})
+
+    assert response.json() == {"by": "fastapi", "asked": "overridden"}
+    assert answered == ["fastapi"]
 
 
 def test_submitting_and_reading_a_job_have_direct_handlers() -> None:

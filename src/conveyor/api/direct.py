@@ -11,7 +11,8 @@ request, unchanged, to FastAPI's own handler, which then parses, validates and a
 would without a direct handler, errors and all. So a direct handler only ever answers requests
 that FastAPI would accept too, and declines before it has done anything with side effects.
 Everything around the handler (routing, middleware, the error envelope's exception handlers, the
-OpenAPI document) is FastAPI's as before.
+OpenAPI document) is FastAPI's as before, and an app with dependency overrides in place gets
+FastAPI's handler for every request, overrides honoured.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ class DirectRoute(APIRoute):
             # Looked up per request, not once here: FastAPI builds this handler when the route
             # is declared, which may be before the direct handler is attached.
             direct: DirectHandler | None = getattr(endpoint, _ATTRIBUTE, None)
-            response = await direct(request) if direct is not None else None
+            # Dependency overrides (an app embedding this one, a test) apply to FastAPI's
+            # handler only: with any in place, every request goes that way.
+            if direct is None or getattr(request.app, "dependency_overrides", None):
+                return await standard(request)
+            response = await direct(request)
             return response if response is not None else await standard(request)
 
         return handler
