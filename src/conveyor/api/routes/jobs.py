@@ -104,10 +104,11 @@ async def _submit(
     # Concurrent submissions share one transaction (and one commit's fsync): see _GroupCommit.
     stored = await conveyor.enqueue_new(new)
     headers = {"Location": _job_url(request, stored.id)}
+    status_code = status.HTTP_202_ACCEPTED
     if _replayed(new, stored):
         headers[REPLAYED_HEADER] = "true"
-        return JobPublic.of(stored), status.HTTP_200_OK, headers
-    return JobPublic.of(stored), status.HTTP_202_ACCEPTED, headers
+        status_code = status.HTTP_200_OK
+    return JobPublic.of(stored), status_code, headers
 
 
 def _json(model: JobPublic, status_code: int = status.HTTP_200_OK, headers: dict[str, str] | None = None) -> Response:
