@@ -109,3 +109,20 @@ async def test_a_claims_unflushed_commit_stays_with_the_claim(store: Store, post
 
     assert len(claimed) == 1
     assert after == "on"
+
+
+async def test_a_bulk_insert_cancelled_midway_stores_all_of_its_jobs_or_none(store: Store) -> None:
+    batch = [NewJob(task="task", args=[n], kwargs={}) for n in range(500)]
+    inserting = asyncio.ensure_future(store.insert_jobs(batch, now=T0))
+    for _ in range(3):
+        await asyncio.sleep(0)  # into the COPY, while the returned jobs are being built
+    assert not inserting.done()
+
+    inserting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await inserting
+
+    stored = (await store.list_jobs(JobFilter(), limit=1000)).jobs
+    assert len(stored) in (0, 500), "a batch is one transaction"
+    (after,) = await store.insert_jobs([NewJob(task="task", args=["after"], kwargs={})], now=T0)
+    assert await store.get_job(after.id) == after, "the driver's pool still serves"

@@ -174,6 +174,7 @@ async def test_a_big_batch_is_stored_whole_and_storing_it_again_adds_nothing(sto
     stored = {job.id: job for job in await all_jobs(store)}
     assert len(stored) == 300
     assert [job.id for job in first] == [job.id for job in again] == [item.id for item in batch]
+    assert first == [stored[item.id] for item in batch], "the returned jobs read as the stored ones"
     assert [stored[item.id].args for item in batch] == [[n] for n in range(300)]
     assert all(job.kwargs == awkward for job in stored.values())
     assert sum(job.state is JobState.SCHEDULED for job in stored.values()) == 150
@@ -198,6 +199,18 @@ async def test_insert_many_is_one_transaction_so_one_bad_job_stores_none(store: 
         await insert(store, new(args=[1]), new(args=[2]), new(args=[3], max_attempts=0))
 
     assert await all_jobs(store) == []
+
+
+async def test_a_big_batch_with_one_bad_job_stores_none(store: Store) -> None:
+    # Big enough for PostgreSQL's COPY path, where the returned jobs are built while it runs.
+    batch = [new(args=[n]) for n in range(199)] + [new(args=["bad"], max_attempts=0)]
+
+    with pytest.raises(StorageError):
+        await insert(store, *batch)
+
+    assert await all_jobs(store) == []
+    (after,) = await insert(store, new(args=["after"]))
+    assert [job.id for job in await all_jobs(store)] == [after.id]
 
 
 async def test_idempotency_key_returns_the_existing_job_and_stores_only_one(store: Store) -> None:

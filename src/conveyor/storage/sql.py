@@ -179,6 +179,23 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
     )
 
 
+_JOBS_PER_SLICE = 100
+
+
+async def _jobs_meanwhile(rows: Sequence[Mapping[str, Any]]) -> list[Job]:
+    """Build the returned jobs of a bulk insert while the server stores their rows.
+
+    A slice at a time, yielding to the loop between slices, so the insert's round trips go on
+    being served: the client's share of a thousand-job enqueue (about 4 ms) then overlaps the
+    server's (about 10 ms) instead of following it.
+    """
+    stored: list[Job] = []
+    for start in range(0, len(rows), _JOBS_PER_SLICE):
+        await asyncio.sleep(0)
+        stored.extend(_row_to_job(row) for row in rows[start : start + _JOBS_PER_SLICE])
+    return stored
+
+
 class SqlStore:
     """The ``Store`` on SQLAlchemy Core. One instance serves one event loop."""
 
@@ -299,12 +316,20 @@ class SqlStore:
 
             async with self._driven() as driven:
                 if len(rows) >= _COPY_FROM:
-                    await postgres.copy_in(driven, rows)
+                    copying = asyncio.ensure_future(postgres.copy_in(driven, rows))
+                    try:
+                        stored = await _jobs_meanwhile(rows)
+                    except BaseException:
+                        copying.cancel()
+                        await asyncio.gather(copying, return_exceptions=True)
+                        raise
+                    await copying
                 else:
                     await postgres.insert_in_one_statement(driven, rows)
+                    stored = [_row_to_job(row) for row in rows]
             if runnable_queues:
                 self._work_added.set()
-            return [_row_to_job(row) for row in rows]
+            return stored
         if connection is None and self.dialect == "postgresql":
             async with self._writing() as conn:
                 # The driver's own pipelined executemany: several times faster for big batches
