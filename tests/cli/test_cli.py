@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -39,7 +40,7 @@ import tests.support
 from click.testing import CliRunner, Result
 
 from conveyor import Conveyor, Job, Step, Workflow, chain
-from conveyor.cli import cli
+from conveyor.cli import GC_YOUNG_THRESHOLD, cli, settle_heap
 from conveyor.engine.scheduler import Scheduler
 from conveyor.storage.migrate import VERSION_TABLE, head_revision
 from conveyor.testing import drain
@@ -947,3 +948,15 @@ async def _enqueue_due_ticks(app: Conveyor) -> list[Job]:
         return await Scheduler(app, list(app.schedules.values())).enqueue_due()
     finally:
         await app.close()
+
+
+def test_a_long_running_command_takes_its_start_up_objects_out_of_garbage_collection() -> None:
+    threshold = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000, "start-up objects (the imports) are frozen"
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+        assert gc.get_count()[0] < 10, "collected just before freezing"
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
