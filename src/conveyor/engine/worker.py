@@ -152,12 +152,13 @@ class Worker:
 
     async def run(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
         self._changed, self._ack_ready = asyncio.Event(), asyncio.Event()
+        self._event_loop = asyncio.get_running_loop()
         if not structlog.is_configured():
             # An embedded worker whose application set up no logging still logs through stdlib
             # logging at the configured level, not structlog's print-everything default.
             configure_logging(self.settings)
         store = await self.app.store()
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
@@ -287,8 +288,10 @@ class Worker:
 
     def _launch(self, running: _Running, executor: Executor) -> None:
         self._active += 1
-        # Unnamed: naming a task costs a string per job; its coroutine (Worker._attempt) says what it is.
-        running.task = asyncio.create_task(self._attempt(running, executor))
+        # Named by the job id, a string that exists already: unnamed, Python 3.11 formats a fresh
+        # "Task-N" for every task. Made by the loop itself: asyncio.create_task looks the running
+        # loop up first, a getpid() system call per job.
+        running.task = self._event_loop.create_task(self._attempt(running, executor), name=running.job.id)
 
     def _launch_prefetched(self, executor: Executor) -> None:
         """Start prefetched jobs in the slots free now; none once the worker is stopping."""
