@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,7 @@ from conveyor.errors import SchemaError
 from conveyor.jobs import NewJob
 from conveyor.settings import Settings
 from conveyor.storage import dialects, migrate, open_store
-from conveyor.storage.schema import metadata
+from conveyor.storage.schema import SCHEMA_REVISION, metadata
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -195,3 +197,49 @@ async def test_two_stores_opening_a_fresh_database_together_migrate_it_once(sett
     finally:
         await first.close()
         await second.close()
+
+
+def test_the_schema_revision_that_start_up_checks_is_alembics_head() -> None:
+    assert migrate.head_revision() == SCHEMA_REVISION, "a new migration moves schema.SCHEMA_REVISION too"
+
+
+_OPEN_AND_REPORT = """
+import asyncio, sys
+from conveyor.settings import Settings
+from conveyor.storage import open_store
+
+async def main():
+    store = await open_store(Settings(database_url=sys.argv[1]))
+    await store.close()
+    print("alembic loaded" if "alembic" in sys.modules else "alembic not loaded")
+
+asyncio.run(main())
+"""
+
+
+def _open_in_a_new_process(settings: Settings) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_AND_REPORT, settings.database_url],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+async def test_a_process_opening_a_current_schema_never_loads_alembic(engine: AsyncEngine, settings: Settings) -> None:
+    await migrate.upgrade(engine)
+
+    assert await asyncio.to_thread(_open_in_a_new_process, settings) == "alembic not loaded"
+
+
+async def test_a_process_opening_an_older_schema_still_migrates_it(engine: AsyncEngine, settings: Settings) -> None:
+    await migrate.upgrade(engine)
+    older = (await migrate.downgrade(engine, "-1")).current
+    assert older != SCHEMA_REVISION
+
+    assert await asyncio.to_thread(_open_in_a_new_process, settings) == "alembic loaded"
+
+    assert await version_rows(engine) == [SCHEMA_REVISION]

@@ -85,12 +85,15 @@ class Store(Protocol):
 
 async def open_store(settings: Settings) -> Store:
     """Connect, check the schema (migrating it first where settings allow), and return the store."""
-    from conveyor.storage import dialects, migrate  # noqa: PLC0415 - keeps `import conveyor` light
+    from conveyor.storage import dialects  # noqa: PLC0415 - keeps `import conveyor` light
     from conveyor.storage.sql import SqlStore  # noqa: PLC0415
 
     engine = dialects.create_engine(settings)
     try:
-        await migrate.ensure_current(engine, auto_migrate=settings.should_auto_migrate)
+        if not await _schema_is_current(engine):
+            from conveyor.storage import migrate  # noqa: PLC0415 - Alembic, only when the schema needs it
+
+            await migrate.ensure_current(engine, auto_migrate=settings.should_auto_migrate)
     except BaseException:
         await engine.dispose()
         raise
@@ -105,3 +108,25 @@ async def open_store(settings: Settings) -> Store:
         connect_args=dialects.postgres_connect_args(settings),
     )
     return SqlStore(engine, driver)
+
+
+async def _schema_is_current(engine: Any) -> bool:
+    """Whether the database is at this Conveyor's schema revision, read in one query without Alembic.
+
+    Anything else (no version table yet, another revision, an error reading it) is for
+    ``migrate.ensure_current`` to judge, with its retries and its messages.
+    """
+    import sqlite3  # noqa: PLC0415 - keeps `import conveyor` light
+
+    import sqlalchemy as sa  # noqa: PLC0415
+    from sqlalchemy import exc as sa_exc  # noqa: PLC0415
+
+    from conveyor.storage.schema import SCHEMA_REVISION, VERSION_TABLE  # noqa: PLC0415
+
+    query = sa.text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
+    try:
+        async with engine.connect() as conn:
+            found = (await conn.execute(query)).scalars().all()
+    except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError):
+        return False
+    return found == [SCHEMA_REVISION]

@@ -17,9 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 
 from conveyor.errors import SchemaError, StorageError
 from conveyor.storage import dialects
-
-VERSION_TABLE = "conveyor_alembic_version"
-"""Our own version table, so Conveyor's migrations never meet the application's own Alembic."""
+from conveyor.storage.schema import VERSION_TABLE
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
