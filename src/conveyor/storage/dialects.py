@@ -241,7 +241,9 @@ async def lock_for_migration(connection: Any) -> None:
 # Acks for PostgreSQL, all in one statement: each row still lands only while its job is running
 # under the ack's lease (the fence), exactly as the one-row form does. The batch travels as one
 # JSON document, as on SQLite: one orjson call for the whole batch, where nine arrays went through
-# the driver's generic array encoder, a dozen type checks per ack.
+# the driver's generic array encoder, a dozen type checks per ack. The state is compared under
+# COLLATE "C" (``schema.checked_state``) so that each job is found by its key: planned on the state
+# index, every ack batch read every running job.
 _BULK_ACK_UPDATE = """
     UPDATE conveyor_jobs AS job SET
         state = ack.state,
@@ -258,7 +260,7 @@ _BULK_ACK_UPDATE = """
         id text, owner text, state text, result jsonb, error jsonb,
         run_at timestamptz, finished_at timestamptz, delta int, entry jsonb
     )
-    WHERE job.id = ack.id AND job.state = 'running' AND job.lease_owner = ack.owner
+    WHERE job.id = ack.id AND job.state COLLATE "C" = 'running' AND job.lease_owner = ack.owner
     RETURNING job.id
 """
 POSTGRES_BULK_ACK = sa.text(_BULK_ACK_UPDATE)

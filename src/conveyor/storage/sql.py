@@ -44,7 +44,7 @@ from conveyor.limits import ClaimLimits
 from conveyor.storage import dialects
 from conveyor.storage import limits as limited_claims
 from conveyor.storage import workflows as workflow_store
-from conveyor.storage.schema import IS_RUNNABLE, JSONType, UTCDateTime, jobs, tokens, workflows
+from conveyor.storage.schema import IS_RUNNABLE, JSONType, UTCDateTime, checked_state, jobs, tokens, workflows
 from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
 
 if TYPE_CHECKING:
@@ -576,9 +576,11 @@ class SqlStore:
         extend = (
             sa.update(jobs)
             .where(
-                # Each job under its own owner: one call carries several lease tokens.
+                # Found by id (a planner would scan the whole table for the pairs alone); each job
+                # then under its own owner: one call carries several lease tokens.
+                jobs.c.id.in_(list(leases)),
                 sa.tuple_(jobs.c.id, jobs.c.lease_owner).in_(list(leases.items())),
-                jobs.c.state == JobState.RUNNING.value,
+                checked_state == JobState.RUNNING.value,
             )
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
             .returning(jobs.c.id, jobs.c.lease_owner)
@@ -725,7 +727,7 @@ class SqlStore:
         """Which of these jobs have finished: one query however many are asked about."""
         if not job_ids:
             return set()
-        query = sa.select(jobs.c.id).where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(_FINISHED))
+        query = sa.select(jobs.c.id).where(jobs.c.id.in_(list(job_ids)), checked_state.in_(_FINISHED))
         async with self._read_engine.connect() as conn:
             return set((await conn.execute(query)).scalars())
 
@@ -899,7 +901,7 @@ class SqlStore:
     ) -> Job:
         change = (
             sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_([state.value for state in from_states]))
+            .where(jobs.c.id == job_id, checked_state.in_([state.value for state in from_states]))
             .values(**values)
             .returning(*jobs.c)
         )
@@ -948,7 +950,7 @@ class SqlStore:
         """
         request = (
             sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
+            .where(jobs.c.id == job_id, checked_state == JobState.RUNNING.value)
             .values(cancel_requested_at=sa.func.coalesce(jobs.c.cancel_requested_at, now), updated_at=now)
             .returning(*jobs.c)
         )
@@ -973,7 +975,7 @@ class SqlStore:
             sa.update(jobs)
             .where(
                 jobs.c.id == sa.bindparam("b_id"),
-                jobs.c.state == JobState.RUNNING.value,
+                checked_state == JobState.RUNNING.value,
                 jobs.c.lease_owner == sa.bindparam("b_owner"),
             )
             .values(progress=sa.bindparam("b_progress", type_=JSONType), updated_at=now)
@@ -989,7 +991,7 @@ class SqlStore:
             return set()
         query = sa.select(jobs.c.id).where(
             jobs.c.id.in_(list(job_ids)),
-            jobs.c.state == JobState.RUNNING.value,
+            checked_state == JobState.RUNNING.value,
             jobs.c.cancel_requested_at.is_not(None),
         )
         async with self._read_engine.connect() as conn:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.jobs import JobError, JobState
-from conveyor.storage.schema import job_dependencies, jobs, workflows
+from conveyor.storage.schema import checked_state, job_dependencies, jobs, workflows
 from conveyor.workflows import DEPENDENCY_FAILED, resolve, template_job_ids
 
 # Well under SQLite's limit on bound parameters in one statement.
@@ -58,7 +58,7 @@ async def release_dependents(conn: AsyncConnection, dialect: str, succeeded: Seq
         await conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(ordered)).order_by(jobs.c.id).with_for_update())
     decrement = (
         sa.update(jobs)
-        .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == JobState.WAITING.value)
+        .where(jobs.c.id == sa.bindparam("b_id"), checked_state == JobState.WAITING.value)
         .values(waiting_on=jobs.c.waiting_on - sa.bindparam("b_count", type_=sa.Integer), updated_at=now)
     )
     await conn.execute(decrement, [{"b_id": job_id, "b_count": counts[job_id]} for job_id in ordered])
@@ -69,7 +69,7 @@ async def _start_ready(conn: AsyncConnection, candidates: Sequence[str], now: da
     """Queue the candidates that wait on nothing more, each with its input put in front of its args."""
     moved = Moved()
     ready_query = sa.select(jobs.c.id, jobs.c.queue, jobs.c.args, jobs.c.run_at, jobs.c.input_template).where(
-        jobs.c.id.in_(candidates), jobs.c.state == JobState.WAITING.value, jobs.c.waiting_on <= 0
+        jobs.c.id.in_(candidates), checked_state == JobState.WAITING.value, jobs.c.waiting_on <= 0
     )
     ready = (await conn.execute(ready_query)).mappings().all()
     if not ready:
@@ -81,7 +81,7 @@ async def _start_ready(conn: AsyncConnection, candidates: Sequence[str], now: da
         results.update(dict(rows.all()))
     start = (
         sa.update(jobs)
-        .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == JobState.WAITING.value)
+        .where(jobs.c.id == sa.bindparam("b_id"), checked_state == JobState.WAITING.value)
         .values(
             state=sa.bindparam("b_state"),
             args=sa.bindparam("b_args", type_=jobs.c.args.type),
@@ -158,7 +158,7 @@ async def cancel_dependents(conn: AsyncConnection, failed: Mapping[str, str], no
                 break
             cancel = (
                 sa.update(jobs)
-                .where(jobs.c.id.in_(sorted(dependents)), jobs.c.state == JobState.WAITING.value)
+                .where(jobs.c.id.in_(sorted(dependents)), checked_state == JobState.WAITING.value)
                 .values(
                     state=JobState.CANCELLED.value,
                     error=error,
@@ -179,7 +179,7 @@ async def restore_dependents(conn: AsyncConnection, replayed: str, now: datetime
         query = (
             sa.select(jobs.c.id, jobs.c.error)
             .join(job_dependencies, job_dependencies.c.dependent_id == jobs.c.id)
-            .where(job_dependencies.c.dependency_id.in_(frontier), jobs.c.state == JobState.CANCELLED.value)
+            .where(job_dependencies.c.dependency_id.in_(frontier), checked_state == JobState.CANCELLED.value)
         )
         candidates = sorted(
             {
