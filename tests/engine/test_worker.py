@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.engine.conftest import running_worker
 from tests.support import tasks as support
 
-from conveyor import CONTEXT, Conveyor, Exponential, JobContext, JobState, Outcome, PermanentError, constant
+from conveyor import CONTEXT, Conveyor, Exponential, JobContext, JobState, Outcome, PermanentError, Worker, constant
 from conveyor.jobs import NewJob
 from conveyor.testing import drain
 
@@ -555,3 +557,112 @@ async def test_jobs_in_flight_counts_the_running_not_the_prefetched(app: Conveyo
         while worker.stats.acked < 3:
             await asyncio.sleep(0.01)
         assert in_flight() == 0
+
+
+class _ClaimSpy:
+    """Wraps the store's claim to count the claims out at once; ``hold_from`` holds back that claim
+    and every later one until ``release`` is set."""
+
+    def __init__(self, fetch_jobs: Any, *, hold_from: int | None = None) -> None:
+        self._fetch_jobs = fetch_jobs
+        self._hold_from = hold_from
+        self.calls = 0
+        self.out = 0
+        self.most_out = 0
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, **claim: Any) -> Any:
+        self.calls += 1
+        self.out += 1
+        self.most_out = max(self.most_out, self.out)
+        try:
+            if self._hold_from is not None and self.calls >= self._hold_from:
+                self.holding.set()
+                await self.release.wait()
+            return await self._fetch_jobs(**claim)
+        finally:
+            self.out -= 1
+
+
+async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_start(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Conveyor(database_url=database_url, claim_batch_size=5, poll_interval_seconds=0.05)
+    ran: list[int] = []
+
+    @app.task
+    async def note(number: int) -> None:
+        ran.append(number)
+
+    try:
+        store = await app.store()
+        spy = _ClaimSpy(store.fetch_jobs)
+        monkeypatch.setattr(store, "fetch_jobs", spy)
+        await app.enqueue_many([note.job(number) for number in range(60)])
+        worker = Worker(app, concurrency=5)
+        await worker.run(drain=True)
+    finally:
+        await app.close()
+
+    assert sorted(ran) == list(range(60))
+    # Capacity is 5 slots plus 5 prefetched: two claims of 5 fit in it at once, never three.
+    assert spy.most_out == 2
+
+
+async def test_a_worker_under_a_queue_limit_sends_one_claim_at_a_time(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A limited claim counts the jobs its workers lease as running: it cannot run ahead of them.
+    app = Conveyor(database_url=database_url, claim_batch_size=5, queue_limits={"default": 50})
+    ran: list[int] = []
+
+    @app.task
+    async def note(number: int) -> None:
+        ran.append(number)
+
+    try:
+        store = await app.store()
+        spy = _ClaimSpy(store.fetch_jobs)
+        monkeypatch.setattr(store, "fetch_jobs", spy)
+        await app.enqueue_many([note.job(number) for number in range(30)])
+        await Worker(app, concurrency=5).run(drain=True)
+    finally:
+        await app.close()
+
+    assert sorted(ran) == list(range(30))
+    assert spy.most_out == 1
+
+
+async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Conveyor(database_url=database_url, claim_batch_size=5, shutdown_grace_seconds=1)
+
+    @app.task
+    async def quick() -> None:
+        return None
+
+    try:
+        store = await app.store()
+        # The first claim comes back full; the two sent after it are held until the worker stops.
+        spy = _ClaimSpy(store.fetch_jobs, hold_from=2)
+        monkeypatch.setattr(store, "fetch_jobs", spy)
+        jobs = await app.enqueue_many([quick.job() for _ in range(30)])
+        async with running_worker(app, concurrency=5) as worker:
+            await asyncio.wait_for(spy.holding.wait(), 10)
+            while spy.out < 2:
+                await asyncio.sleep(0.01)
+            worker.stop()
+            spy.release.set()
+        finals = [await app.get_job(job.id) for job in jobs]
+    finally:
+        await app.close()
+
+    states = collections.Counter(job.state for job in finals)
+    assert JobState.RUNNING not in states, "no job is left leased to a stopped worker"
+    assert states[JobState.SUCCEEDED] >= 5, "the first claim's jobs ran"
+    handed_back = [job for job in finals if job.state is JobState.QUEUED and job.history]
+    assert handed_back, "the held claims' jobs came back to the queue"
+    assert all(job.attempt == 0 and job.lease_owner is None for job in handed_back)
+    assert {record.outcome for job in handed_back for record in job.history} == {Outcome.RELEASED}

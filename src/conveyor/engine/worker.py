@@ -1,7 +1,8 @@
 """A worker process's engine: the claim loop plus the small loops that keep it honest.
 
 - producer: claims up to free capacity (slots plus a prefetch buffer), starts each job as an
-  asyncio task; a prefetched job starts the moment a slot frees, with no claim round trip between
+  asyncio task; a prefetched job starts the moment a slot frees, with no claim round trip between.
+  While claims come back full, a second is out while the first one's jobs start
 - acker: writes outcomes in batches, retrying a failed write (acks are idempotent)
 - heartbeat: renews the leases of running jobs
 - rescuer: ends attempts whose lease expired, on any worker's behalf
@@ -48,6 +49,7 @@ logger = structlog.get_logger("conveyor.worker")
 
 _ACK_COALESCE_SECONDS = 0.002
 _CLAIM_COALESCE_SECONDS = 0.002
+_CLAIMS_IN_FLIGHT = 2
 
 
 @dataclass(slots=True)
@@ -124,6 +126,7 @@ class Worker:
         self._ack_ready: asyncio.Event | None = None
         self._acks_in_flight = 0
         self._ack_rounds = 0
+        self._claims_settled = False
         self.started = asyncio.Event()
 
     # -- control ------------------------------------------------------------------------
@@ -214,6 +217,7 @@ class Worker:
             await self._finish_running()
         finally:
             self._stopping.set()
+            self._claims_settled = True
             self._ack_ready.set()
             await acker
             for task in background:
@@ -233,45 +237,88 @@ class Worker:
     async def _produce(self, store: Store, executor: Executor, *, drain: bool) -> None:
         assert self._changed is not None
         capacity = self.concurrency + self.prefetch
-        while not self._stopping.is_set():
-            free = capacity - len(self._running)
-            if free <= 0:
-                await self._wait_for_change(None)
-                continue
-            if self._running and free < min(capacity // 2, self.settings.claim_batch_size):
-                # Slots free up one by one; claiming each alone costs a transaction apiece.
-                # Wait a moment for more, unless the claim would fill half the capacity.
-                await asyncio.sleep(_CLAIM_COALESCE_SECONDS)
-                free = capacity - len(self._running)
-            acks_before = self._ack_rounds
-            try:
-                jobs = await store.fetch_jobs(
-                    queues=self.queues,
-                    limit=min(free, self.settings.claim_batch_size),
-                    lease_owner=self._next_lease_owner(),
-                    lease_seconds=self.settings.lease_seconds,
-                    now=self._clock(),
-                    limits=self._limits,
-                )
-            except ConveyorError as exc:
-                logger.warning("worker.claim_failed", error=str(exc))
-                await self._wait_for_change(self.settings.poll_interval)
-                continue
-            if jobs:
-                executor.notice_tracing()
-            for job in jobs:
-                self._start(job, executor)
-            self.stats.claimed += len(jobs)
-            if jobs:
-                # Let the jobs just started take their first step before the next claim's own
-                # Python runs: an idle worker's one job starts a claim's worth sooner.
-                await asyncio.sleep(0)
-                continue
-            # An ack that landed while the claim ran may have queued more (a workflow's next step).
-            settled = self._ack_rounds == acks_before
-            if drain and settled and not self._running and not self._acks and not self._acks_in_flight:
-                return
-            await self._wait_for_work(store)
+        batch_size = self.settings.claim_batch_size
+        # Claims sent and not yet back, oldest first, with the jobs each may bring (counted as
+        # taken). While claims come back full, the next ones go out before the jobs of this one
+        # start: the worker's Python and the database's work on claims then overlap instead of
+        # taking turns, which is what bounds one worker's throughput on short jobs.
+        claims: collections.deque[tuple[asyncio.Task[list[Job]], int]] = collections.deque()
+        flowing = False
+        try:
+            while not self._stopping.is_set():
+                if not claims:
+                    free = capacity - len(self._running)
+                    if free <= 0:
+                        await self._wait_for_change(None)
+                        continue
+                    if self._running and free < min(capacity // 2, batch_size):
+                        # Slots free up one by one; claiming each alone costs a transaction apiece.
+                        # Wait a moment for more, unless the claim would fill half the capacity.
+                        await asyncio.sleep(_CLAIM_COALESCE_SECONDS)
+                        free = capacity - len(self._running)
+                    claims.append(self._send_claim(store, min(free, batch_size)))
+                # A limited claim counts leased jobs as running: it never runs ahead of its jobs.
+                while flowing and self._limits is None and len(claims) < _CLAIMS_IN_FLIGHT:
+                    room = capacity - len(self._running) - sum(limit for _, limit in claims)
+                    if room < min(capacity // 2, batch_size):
+                        break
+                    claims.append(self._send_claim(store, min(room, batch_size)))
+                claim, limit = claims.popleft()
+                acks_before = self._ack_rounds
+                try:
+                    jobs = await claim
+                except ConveyorError as exc:
+                    flowing = False
+                    logger.warning("worker.claim_failed", error=str(exc))
+                    await self._wait_for_change(self.settings.poll_interval)
+                    continue
+                flowing = len(jobs) == limit
+                if jobs:
+                    executor.notice_tracing()
+                for job in jobs:
+                    self._start(job, executor)
+                self.stats.claimed += len(jobs)
+                if jobs:
+                    # Let the jobs just started take their first step before the next claim's own
+                    # Python runs: an idle worker's one job starts a claim's worth sooner.
+                    await asyncio.sleep(0)
+                    continue
+                if claims:
+                    continue
+                # An ack that landed while the claim ran may have queued more (a workflow's next step).
+                settled = self._ack_rounds == acks_before
+                if drain and settled and not self._running and not self._acks and not self._acks_in_flight:
+                    return
+                await self._wait_for_work(store)
+        finally:
+            for claim, _ in claims:
+                await self._hold_unstarted(claim)
+
+    def _send_claim(self, store: Store, limit: int) -> tuple[asyncio.Task[list[Job]], int]:
+        claim = self._event_loop.create_task(
+            store.fetch_jobs(
+                queues=self.queues,
+                limit=limit,
+                lease_owner=self._next_lease_owner(),
+                lease_seconds=self.settings.lease_seconds,
+                now=self._clock(),
+                limits=self._limits,
+            )
+        )
+        return claim, limit
+
+    async def _hold_unstarted(self, claim: asyncio.Task[list[Job]]) -> None:
+        """Keep the jobs of a claim still out when the claim loop ended as prefetched ones, which
+        the shutdown then hands back unrun."""
+        try:
+            jobs = await claim
+        except ConveyorError:
+            return
+        self.stats.claimed += len(jobs)
+        for job in jobs:
+            running = _Running(job=job, started_at=self._clock())
+            self._running[job.id] = running
+            self._prefetched.append(running)
 
     def _next_lease_owner(self) -> str:
         # A fresh token per claim fences acks: a lease taken again later never matches an old one.
@@ -388,7 +435,9 @@ class Worker:
         assert self._ack_ready is not None
         while True:
             if not self._acks:
-                if self._stopping.is_set() and not self._running:
+                # Not as soon as a stop is asked for: a claim still out then brings jobs whose
+                # outcomes (or hand-backs) must be written too, or they would stay leased.
+                if self._claims_settled and not self._running:
                     return
                 await self._ack_ready.wait()
                 self._ack_ready.clear()
