@@ -95,6 +95,40 @@ async def test_migrated_postgres_schema_matches_the_declared_metadata() -> None:
     assert differences == []
 
 
+@pytest.mark.postgres
+@pytest.mark.usefixtures("postgres_database")
+async def test_migrated_postgres_indexes_equal_the_declared_ones_predicates_included() -> None:
+    """Alembic's comparison above does not look at a partial index's predicate: this does."""
+    migrated = await postgres.create_database("conveyor_migrated")
+    declared = await postgres.create_database("conveyor_declared")
+    try:
+        migrated_engine = dialects.create_engine(Settings(database_url=postgres.database_url(migrated)))
+        declared_engine = dialects.create_engine(Settings(database_url=postgres.database_url(declared)))
+        try:
+            await migrate.upgrade(migrated_engine)
+            async with declared_engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+            by_migrations = await _postgres_index_definitions(migrated_engine)
+            by_schema = await _postgres_index_definitions(declared_engine)
+        finally:
+            await migrated_engine.dispose()
+            await declared_engine.dispose()
+    finally:
+        await postgres.drop_database(migrated)
+        await postgres.drop_database(declared)
+
+    assert "WHERE" in by_schema["ix_conveyor_jobs_runnable"]
+    assert by_migrations == by_schema
+
+
+async def _postgres_index_definitions(engine: AsyncEngine) -> dict[str, str]:
+    query = sa.text(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename LIKE 'conveyor%' AND tablename <> :versions"
+    )
+    async with engine.connect() as conn:
+        return dict((await conn.execute(query, {"versions": migrate.VERSION_TABLE})).all())
+
+
 async def test_compare_would_notice_a_schema_that_drifted(engine: AsyncEngine) -> None:
     # The comparison above is only worth something if it can see a difference.
     await migrate.upgrade(engine)
