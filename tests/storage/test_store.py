@@ -236,6 +236,24 @@ async def test_idempotency_key_repeated_within_one_batch_stores_one_job(store: S
 # -- claiming ------------------------------------------------------------------------------
 
 
+async def test_a_claimed_job_reads_exactly_as_the_stored_one(store: Store) -> None:
+    # The claim does not read back what it sets itself (state, lease, times): the job it returns
+    # must still equal the row as stored, also for a retry that carries an error and a history.
+    (retried,) = await insert(store, new(args=[1], correlation_id="req-1", trace_context={"traceparent": "00-ab"}))
+    first = await claim_one(store)
+    await store.ack_jobs([ack_for(first, JobState.RETRYING, now=T0, error=BOOM, run_at=T0)], now=T0)
+    await insert(store, new(args=[2], kwargs={"k": [True]}, priority=3))
+    away = timezone(timedelta(hours=-5))
+
+    claimed = await claim(store, now=(T0 + timedelta(seconds=1)).astimezone(away))
+
+    assert {job.id for job in claimed} >= {retried.id}
+    assert [await get(store, job.id) for job in claimed] == claimed
+    # Equal instants compare equal in any zone: that they read in UTC, as stored times do, is checked apart.
+    times = [time for job in claimed for time in (job.attempted_at, job.lease_expires_at, job.updated_at)]
+    assert all(time is not None and time.utcoffset() == timedelta(0) for time in times)
+
+
 async def test_fetch_claims_higher_priority_first_then_earlier_run_at_then_lower_id(store: Store) -> None:
     older_id, newer_id = new_job_id(), new_job_id()
     await insert(

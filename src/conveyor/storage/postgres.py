@@ -391,11 +391,21 @@ _CLAIM_QUEUES = (
 _ASYNC_COMMIT = "WITH lease AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) "
 
 
+# What the claim sets from its own parameters is not read back: decoding three timestamps and two
+# strings per job that the caller already holds cost the worker about a tenth of its time per job.
+_SET_BY_CLAIM = ("state", "lease_owner", "lease_expires_at", "attempted_at", "updated_at")
+_CLAIM_RETURNING = ", ".join(
+    f"{column}::text AS {column}" if column in _ALL_JSON else column
+    for column in _ALL_COLUMNS
+    if column not in _SET_BY_CLAIM
+)
+
+
 def _claim_sql(due: str) -> str:
     return (
         _ASYNC_COMMIT + "UPDATE conveyor_jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1, "  # noqa: S608 - constant
         "lease_expires_at = $2, attempted_at = $3, updated_at = $3 "
-        f"WHERE id IN ({due}) AND EXISTS (SELECT FROM lease) RETURNING {_RETURNING}"
+        f"WHERE id IN ({due}) AND EXISTS (SELECT FROM lease) RETURNING {_CLAIM_RETURNING}"
     )
 
 
@@ -406,12 +416,27 @@ _CLAIM_QUEUES_SQL = _claim_sql(_CLAIM_QUEUES)
 async def claim_in_one_statement(
     connection: Any, *, queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: Any, now: Any
 ) -> list[dict[str, Any]]:
-    """Claim up to ``limit`` due jobs in one statement; return their rows with JSON decoded."""
+    """Claim up to ``limit`` due jobs in one statement; return their rows with JSON decoded.
+
+    ``lease_expires_at`` and ``now`` must be in UTC: the rows carry them as the claim stored them.
+    """
     if len(queues) == 1:
         found = await connection.fetch(_CLAIM_ONE_QUEUE_SQL, lease_owner, lease_expires_at, now, queues[0], limit)
     else:
         found = await connection.fetch(_CLAIM_QUEUES_SQL, lease_owner, lease_expires_at, now, list(queues), limit)
-    return [_decoded(record) for record in found]
+    set_by_claim = {
+        "state": "running",
+        "lease_owner": lease_owner,
+        "lease_expires_at": lease_expires_at,
+        "attempted_at": now,
+        "updated_at": now,
+    }
+    claimed = []
+    for record in found:
+        row = _decoded(record)
+        row.update(set_by_claim)
+        claimed.append(row)
+    return claimed
 
 
 # The ack statement's named parameters, in the order the driver takes them positionally.
