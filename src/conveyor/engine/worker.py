@@ -2,7 +2,7 @@
 
 - producer: claims up to free capacity (slots plus a prefetch buffer), starts each job as an
   asyncio task; a prefetched job starts the moment a slot frees, with no claim round trip between.
-  While claims come back full, a second is out while the first one's jobs start
+  While claims come back full, a second claim is out while the first one's jobs start
 - acker: writes outcomes in batches, retrying a failed write (acks are idempotent)
 - heartbeat: renews the leases of running jobs
 - rescuer: ends attempts whose lease expired, on any worker's behalf
@@ -290,9 +290,15 @@ class Worker:
                 if drain and settled and not self._running and not self._acks and not self._acks_in_flight:
                     return
                 await self._wait_for_work(store)
-        finally:
+        except BaseException:
+            # A run cancelled or failing: the claims still out go with it; their leases lapse and
+            # the rescuer takes the jobs back, as after a crash.
             for claim, _ in claims:
-                await self._hold_unstarted(claim)
+                claim.cancel()
+            raise
+        # Stopped: the claims still out come back and their jobs are handed back at once.
+        for claim, _ in claims:
+            await self._hold_unstarted(claim)
 
     def _send_claim(self, store: Store, limit: int) -> tuple[asyncio.Task[list[Job]], int]:
         claim = self._event_loop.create_task(
@@ -308,8 +314,8 @@ class Worker:
         return claim, limit
 
     async def _hold_unstarted(self, claim: asyncio.Task[list[Job]]) -> None:
-        """Keep the jobs of a claim still out when the claim loop ended as prefetched ones, which
-        the shutdown then hands back unrun."""
+        """Keep the jobs of a claim still out at a stop as prefetched ones, which the shutdown
+        then hands back unrun."""
         try:
             jobs = await claim
         except ConveyorError:
