@@ -561,7 +561,7 @@ async def test_jobs_in_flight_counts_the_running_not_the_prefetched(app: Conveyo
 
 class _ClaimSpy:
     """Wraps the store's claim to count the claims out at once; ``hold_from`` holds back that claim
-    and every later one until ``release`` is set."""
+    and every later one until ``release`` is set (``held_two`` is set once two are held)."""
 
     def __init__(self, fetch_jobs: Any, *, hold_from: int | None = None) -> None:
         self._fetch_jobs = fetch_jobs
@@ -569,7 +569,8 @@ class _ClaimSpy:
         self.calls = 0
         self.out = 0
         self.most_out = 0
-        self.holding = asyncio.Event()
+        self.held = 0
+        self.held_two = asyncio.Event()
         self.release = asyncio.Event()
 
     async def __call__(self, **claim: Any) -> Any:
@@ -578,7 +579,9 @@ class _ClaimSpy:
         self.most_out = max(self.most_out, self.out)
         try:
             if self._hold_from is not None and self.calls >= self._hold_from:
-                self.holding.set()
+                self.held += 1
+                if self.held == 2:
+                    self.held_two.set()
                 await self.release.wait()
             return await self._fetch_jobs(**claim)
         finally:
@@ -650,9 +653,7 @@ async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
         monkeypatch.setattr(store, "fetch_jobs", spy)
         jobs = await app.enqueue_many([quick.job() for _ in range(30)])
         async with running_worker(app, concurrency=5) as worker:
-            await asyncio.wait_for(spy.holding.wait(), 10)
-            while spy.out < 2:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(spy.held_two.wait(), 10)
             worker.stop()
             spy.release.set()
         finals = [await app.get_job(job.id) for job in jobs]
