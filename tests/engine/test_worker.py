@@ -588,10 +588,9 @@ class _ClaimSpy:
             self.out -= 1
 
 
-async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_start(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app = Conveyor(database_url=database_url, claim_batch_size=5, poll_interval_seconds=0.05)
+async def _most_claims_out(app: Conveyor, monkeypatch: pytest.MonkeyPatch, jobs: int) -> int:
+    """Drain ``jobs`` jobs with a worker of concurrency 5, checking each ran once; return the most
+    claims that were out at the same time."""
     ran: list[int] = []
 
     @app.task
@@ -602,15 +601,21 @@ async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_sta
         store = await app.store()
         spy = _ClaimSpy(store.fetch_jobs)
         monkeypatch.setattr(store, "fetch_jobs", spy)
-        await app.enqueue_many([note.job(number) for number in range(60)])
-        worker = Worker(app, concurrency=5)
-        await worker.run(drain=True)
+        await app.enqueue_many([note.job(number) for number in range(jobs)])
+        await Worker(app, concurrency=5).run(drain=True)
     finally:
         await app.close()
+    assert sorted(ran) == list(range(jobs))
+    return spy.most_out
 
-    assert sorted(ran) == list(range(60))
+
+async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_start(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Conveyor(database_url=database_url, claim_batch_size=5, poll_interval_seconds=0.05)
+
     # Capacity is 5 slots plus 5 prefetched: two claims of 5 fit in it at once, never three.
-    assert spy.most_out == 2
+    assert await _most_claims_out(app, monkeypatch, 60) == 2
 
 
 async def test_a_worker_under_a_queue_limit_sends_one_claim_at_a_time(
@@ -618,23 +623,8 @@ async def test_a_worker_under_a_queue_limit_sends_one_claim_at_a_time(
 ) -> None:
     # A limited claim counts the jobs its workers lease as running: it cannot run ahead of them.
     app = Conveyor(database_url=database_url, claim_batch_size=5, queue_limits={"default": 50})
-    ran: list[int] = []
 
-    @app.task
-    async def note(number: int) -> None:
-        ran.append(number)
-
-    try:
-        store = await app.store()
-        spy = _ClaimSpy(store.fetch_jobs)
-        monkeypatch.setattr(store, "fetch_jobs", spy)
-        await app.enqueue_many([note.job(number) for number in range(30)])
-        await Worker(app, concurrency=5).run(drain=True)
-    finally:
-        await app.close()
-
-    assert sorted(ran) == list(range(30))
-    assert spy.most_out == 1
+    assert await _most_claims_out(app, monkeypatch, 30) == 1
 
 
 async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
