@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import uuid_utils
 
@@ -55,6 +56,41 @@ def new_job_id() -> str:
     return str(uuid_utils.uuid7())
 
 
+_T = TypeVar("_T")
+
+
+def _built_unfrozen(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted dataclass the construction speed of a plain one.
+
+    A frozen dataclass's ``__init__`` sets each field with a call to ``object.__setattr__``:
+    for ``Job``'s 30 fields that is 2.8 µs, eight times a plain class's, and a claim or a bulk
+    enqueue builds one per job. Here the instance is filled in as an unfrozen twin with the
+    same fields (so the same slots: CPython lets an object change between such classes) and
+    gets its class back before ``__init__`` returns, so callers only ever see it frozen.
+    """
+    frozen: Any = cls  # a dataclass, which the type of a class decorator cannot say
+    twin = dataclasses.make_dataclass(
+        f"_Unfrozen{cls.__name__}",
+        [
+            (item.name, item.type, field(default=item.default, default_factory=item.default_factory))
+            for item in dataclasses.fields(frozen)
+        ],
+        slots=True,
+    )
+    fill = twin.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the method it replaces
+        object.__setattr__(self, "__class__", twin)
+        try:
+            fill(self, *args, **kwargs)
+        finally:
+            self.__class__ = cls
+
+    __init__.__doc__ = frozen.__init__.__doc__
+    frozen.__init__ = __init__
+    return cls
+
+
 @dataclass(frozen=True, slots=True)
 class JobError:
     type: str
@@ -71,6 +107,7 @@ class JobError:
         return cls(type=data["type"], message=data["message"], traceback=data.get("traceback"))
 
 
+@_built_unfrozen
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One finished attempt, as kept on the job row."""
@@ -105,6 +142,7 @@ class AttemptRecord:
         )
 
 
+@_built_unfrozen
 @dataclass(frozen=True, slots=True)
 class NewJob:
     """A job to insert. Arguments are already checked and JSON-ready."""
@@ -135,6 +173,7 @@ class NewJob:
     id: str = field(default_factory=new_job_id)
 
 
+@_built_unfrozen
 @dataclass(frozen=True, slots=True)
 class Job:
     id: str

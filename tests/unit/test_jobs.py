@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.jobs import FINISHED_STATES, AttemptRecord, Job, JobError, JobState, Outcome, new_job_id
+from conveyor.jobs import FINISHED_STATES, AttemptRecord, Job, JobError, JobState, NewJob, Outcome, new_job_id
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ERROR = JobError(type="ValueError", message="bad input", traceback="Traceback (most recent call last): ...")
@@ -144,3 +144,27 @@ def test_job_ids_sort_by_creation() -> None:
 
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_jobs_built_the_fast_way_are_the_frozen_dataclasses_they_claim_to_be() -> None:
+    job = full_job()
+
+    assert type(job) is Job
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.state = JobState.DEAD  # ty: ignore[invalid-assignment]
+    assert job == dataclasses.replace(job)
+    changed = dataclasses.replace(job, state=JobState.DEAD, attempt=3)
+    assert (type(changed), changed.state, changed.attempt, changed.id) == (Job, JobState.DEAD, 3, job.id)
+    assert job.state is JobState.RETRYING
+
+
+def test_new_jobs_keep_their_defaults_and_refuse_missing_fields() -> None:
+    first, second = NewJob(task="a", args=[], kwargs={}), NewJob("a", [], {})
+
+    assert type(first) is NewJob
+    assert first.id != second.id
+    assert (first.queue, first.max_attempts, first.run_at) == ("default", 5, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.queue = "other"  # ty: ignore[invalid-assignment]
+    with pytest.raises(TypeError, match="kwargs"):
+        NewJob(task="a", args=[])  # ty: ignore[missing-argument]
