@@ -181,6 +181,53 @@ async def test_a_big_batch_is_stored_whole_and_storing_it_again_adds_nothing(sto
     assert len(await claim(store, limit=500)) == 150
 
 
+async def test_a_big_batch_stores_every_column_whether_its_jobs_share_the_value_or_not(store: Store) -> None:
+    # PostgreSQL sends a value the whole batch shares once and the others as arrays: each column
+    # here is shared in one batch, varies in another, and is sometimes NULL.
+    def job(n: int, varied: bool) -> NewJob:
+        return new(
+            f"task-{n % 3}" if varied else "task",
+            args=[n] if varied else [],
+            kwargs={"n": n} if varied else {"same": True},
+            queue=f"q{n % 2}" if varied else "shared",
+            priority=n % 4 if varied else 2,
+            max_attempts=1 + n % 5 if varied else 7,
+            run_at=T0 + timedelta(seconds=n % 2) if varied else T0 - timedelta(seconds=5),
+            timeout_seconds=(None if n % 2 else 1.5 + n) if varied else 9.0,
+            trace_context={"traceparent": f"00-{n:032x}-{n:016x}-01"} if varied and n % 3 else None,
+            correlation_id=(f"req-{n}" if n % 2 else None) if varied else "req-shared",
+            parent_id=(new_job_id() if n % 4 == 0 else None) if varied else None,
+        )
+
+    batches = [[job(n, varied) for n in range(250)] for varied in (True, False)]
+
+    returned = [await insert(store, *batch) for batch in batches]
+
+    stored = {job.id: job for job in (await store.list_jobs(JobFilter(), limit=1_000)).jobs}
+    for batch, jobs in zip(batches, returned, strict=True):
+        assert jobs == [stored[item.id] for item in batch], "the returned jobs read as the stored ones"
+        for item, got in zip(batch, jobs, strict=True):
+            expected = (item.task, item.args, item.kwargs, item.queue, item.priority, item.max_attempts)
+            assert (got.task, got.args, got.kwargs, got.queue, got.priority, got.max_attempts) == expected
+            assert (got.run_at, got.timeout_seconds, got.trace_context) == (
+                item.run_at,
+                item.timeout_seconds,
+                item.trace_context,
+            )
+            assert (got.correlation_id, got.parent_id, got.created_at) == (item.correlation_id, item.parent_id, T0)
+
+
+async def test_one_bad_job_late_in_a_big_batch_stores_none_of_it(store: Store) -> None:
+    # Big enough for PostgreSQL to insert it in parts: the parts before the bad job's are rolled back too.
+    batch = [new(args=[n], max_attempts=0 if n == 450 else 5) for n in range(500)]
+
+    with pytest.raises(StorageError):
+        await insert(store, *batch)
+
+    assert await all_jobs(store) == []
+    assert len(await insert(store, *[new(args=[n]) for n in range(500)])) == 500
+
+
 async def test_awkward_json_survives_insert_and_claim_exactly(store: Store) -> None:
     awkward = [2**70, -(2**63), 1.5, 'naïve ☃ "quoted"', None, {"nested": [None, True, {"k": "v"}]}, []]
     (job,) = await insert(store, new(args=awkward, kwargs={"null": None, "big": 2**64}))

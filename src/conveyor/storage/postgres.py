@@ -13,13 +13,16 @@ import random
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import sqlalchemy as sa
 import structlog
 
 from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads
+
+if TYPE_CHECKING:
+    from conveyor.jobs import Job
 
 logger = structlog.get_logger("conveyor.storage")
 
@@ -333,25 +336,117 @@ async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, A
     await connection.execute(_BULK_INSERT_SQL, dumps(rows))
 
 
-async def copy_in(connection: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert a big batch of job rows (without idempotency or unique keys) with COPY, and announce their queues.
+# A bulk insert's columns besides the id, each sent as one array (``unnest`` makes rows of them)
+# or, when the whole batch shares its value, once: (column, array type, NOT NULL). A shared NOT
+# NULL value goes as a scalar that COALESCE fills in; a nullable column that is NULL throughout
+# goes as a NULL array, which unnest pads with NULLs. Sending each shared value once saves the
+# client most of its encoding (a timestamp alone costs the driver 0.6 µs) and the server nothing.
+_BULK_COLUMNS = (
+    ("task", "text", True),
+    ("queue", "text", True),
+    ("priority", "int", True),
+    ("state", "text", True),
+    ("args", "text", True),
+    ("kwargs", "text", True),
+    ("max_attempts", "int", True),
+    ("run_at", "timestamptz", True),
+    ("timeout_seconds", "float8", False),
+    ("trace_context", "text", False),
+    ("correlation_id", "text", False),
+    ("workflow_id", "text", False),
+    ("parent_id", "text", False),
+)
+_BULK_JSON = {"args", "kwargs", "trace_context"}
+_BULK_SHARED = tuple(column for column, _, not_null in _BULK_COLUMNS if not_null)
 
-    COPY costs the server a third of what an INSERT of the same rows does. It runs in a
-    transaction of its own on a pooled connection (SQLAlchemy's, whose jsonb codec takes JSON
-    text). A batch retried after its commit landed unseen finds its own ids already stored: the
-    ids are this batch's, so that means the batch is in, and it counts as done.
+
+def _bulk_unnest_sql() -> str:
+    arrays = ["$1::text[]"]
+    values = ["u.id"]
+    for index, (column, kind, not_null) in enumerate(_BULK_COLUMNS, start=2):
+        arrays.append(f"${index}::{kind}[]")
+        # Each side cast on its own: a shared JSON value is then parsed once, not once a row.
+        cast = "::jsonb" if column in _BULK_JSON else ""
+        value = f"u.{column}{cast}"
+        if not_null:
+            shared = len(_BULK_COLUMNS) + 2 + _BULK_SHARED.index(column)
+            value = f"COALESCE({value}, ${shared}::{kind}{cast})"
+        values.append(value)
+    names = ", ".join(["id", *(column for column, _, _ in _BULK_COLUMNS)])
+    now = f"${len(_BULK_COLUMNS) + 2 + len(_BULK_SHARED)}::timestamptz"
+    return (
+        f"INSERT INTO conveyor_jobs ({names}, attempt, history, created_at, updated_at) "  # noqa: S608 - constants
+        f"SELECT {', '.join(values)}, 0, '[]'::jsonb, {now}, {now} "
+        f"FROM unnest({', '.join(arrays)}) AS u({names})"
+    )
+
+
+_BULK_UNNEST_SQL = _bulk_unnest_sql()
+_bulk_getters = tuple(operator.attrgetter(column) for column, _, _ in _BULK_COLUMNS)
+
+
+def _bulk_arguments(part: Sequence[Job]) -> list[Any]:
+    """The arguments of ``_BULK_UNNEST_SQL`` for new jobs that share their creation time."""
+    arrays: list[list[Any] | None] = [[job.id for job in part]]
+    shared: list[Any] = []
+    for (column, _, not_null), getter in zip(_BULK_COLUMNS, _bulk_getters, strict=True):
+        values: list[Any] = list(map(getter, part))
+        if column in _BULK_JSON:
+            values = [None if value is None else dumps(value) for value in values]
+        elif column == "state":
+            values = list(map(str, values))
+        everywhere = values.count(values[0]) == len(values)
+        if not_null:
+            arrays.append(None if everywhere else values)
+            shared.append(values[0] if everywhere else None)
+        else:
+            arrays.append(None if everywhere and values[0] is None else values)
+    return [*arrays, *shared, part[0].created_at]
+
+
+async def insert_in_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]]) -> None:
+    """Insert new jobs (without idempotency or unique keys) and announce their queues, in one transaction.
+
+    Each part is one statement; the next part is built while the previous one is stored. A
+    batch retried after its commit landed unseen finds its own ids already stored: the ids are
+    this batch's, so that means the batch is in, and it counts as done. (Checking that after a
+    conflict, rather than skipping conflicts with ON CONFLICT, spares every insert a third of
+    its cost: the speculative insertion into each unique index.)
     """
-    records = [_insert_record(row) for row in rows]
-    queues = sorted({row["queue"] for row in rows if row["state"] == "queued"})
-    try:
-        async with connection.transaction():
-            await connection.copy_records_to_table("conveyor_jobs", records=records, columns=_INSERT_COLUMNS)
-            if queues:
-                await connection.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, queues)
-    except asyncpg.UniqueViolationError:
-        ids = [row["id"] for row in rows]
-        if await connection.fetchval("SELECT count(*) FROM conveyor_jobs WHERE id = ANY($1::text[])", ids) != len(ids):
+    ids: list[str] = []
+    async with contextlib.aclosing(parts):
+        try:
+            await _insert_parts(connection, parts, ids)
+        except asyncpg.UniqueViolationError:
+            ids.extend([job.id async for part in parts for job in part])
+            stored = await connection.fetchval("SELECT count(*) FROM conveyor_jobs WHERE id = ANY($1::text[])", ids)
+            if stored != len(ids):
+                raise
+
+
+async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], ids: list[str]) -> None:
+    queues: set[str] = set()
+    async with connection.transaction():
+        inserting: asyncio.Future[Any] | None = None
+        try:
+            async for part in parts:
+                ids.extend(job.id for job in part)
+                queues.update(job.queue for job in part if job.state == "queued")
+                arguments = _bulk_arguments(part)
+                if inserting is not None:
+                    await inserting
+                inserting = asyncio.ensure_future(connection.execute(_BULK_UNNEST_SQL, *arguments))
+            if inserting is not None:
+                await inserting
+        except BaseException:
+            if inserting is not None and not inserting.done():
+                inserting.cancel()
+                await asyncio.gather(inserting, return_exceptions=True)
             raise
+        if queues:
+            await connection.execute(
+                "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, sorted(queues)
+            )
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import operator
 import sqlite3
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -54,9 +56,10 @@ _FINISHED = [state.value for state in FINISHED_STATES]
 
 P = ParamSpec("P")
 
-# From this many keyless jobs, a PostgreSQL bulk enqueue uses COPY: four round trips (BEGIN, COPY,
-# NOTIFY, COMMIT) instead of one, repaid many times over by the server's cheaper row loading.
-_COPY_FROM = 64
+# From this many keyless jobs, a PostgreSQL bulk enqueue goes in parts, in one transaction: BEGIN,
+# a statement a part, NOTIFY and COMMIT instead of one round trip, repaid many times over by the
+# client building each part while the server stores the one before.
+_PARTS_FROM = 64
 R = TypeVar("R")
 
 
@@ -179,21 +182,76 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
     )
 
 
-_JOBS_PER_SLICE = 100
+def _new_stored_job(new: NewJob, now: datetime) -> Job:
+    """A new job exactly as its row reads once stored (times in UTC): what an enqueue returns."""
+    now = _as_utc(now)
+    run_at = _as_utc(new.run_at or now)
+    state = JobState.WAITING if new.waiting_on > 0 else JobState.SCHEDULED if run_at > now else JobState.QUEUED
+    # Positional, in Job's field order, as in _row_to_job.
+    return Job(
+        new.id,
+        new.task,
+        new.queue,
+        new.priority,
+        state,
+        new.args,
+        new.kwargs,
+        0,
+        new.max_attempts,
+        run_at,
+        now,
+        now,
+        new.timeout_seconds,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        (),
+        new.idempotency_key,
+        new.request_digest,
+        new.unique_key,
+        new.trace_context,
+        new.correlation_id,
+        new.parent_id,
+        new.workflow_id,
+        new.waiting_on,
+    )
 
 
-async def _jobs_meanwhile(rows: Sequence[Mapping[str, Any]]) -> list[Job]:
-    """Build the returned jobs of a bulk insert while the server stores their rows.
+_JOB_FIELDS = tuple(item.name for item in dataclasses.fields(Job))
+_job_values = operator.attrgetter(*_JOB_FIELDS)
 
-    A slice at a time, yielding to the loop between slices, so the insert's round trips go on
-    being served: the client's share of a thousand-job enqueue (about 4 ms) then overlaps the
-    server's (about 10 ms) instead of following it.
+
+def _new_row(job: Job, new: NewJob) -> dict[str, Any]:
+    """The row to insert for a new job (``job`` from ``_new_stored_job``)."""
+    row = dict(zip(_JOB_FIELDS, _job_values(job), strict=True))
+    row["input_template"] = new.input_template
+    return row
+
+
+# Jobs an insert statement of a bulk enqueue carries. The server stores one part while the client
+# builds the next, where one statement for the whole batch would have each wait for the other.
+_INSERT_PART = 200
+_JOBS_PER_SLICE = 50
+
+
+async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime, stored: list[Job]) -> AsyncGenerator[list[Job]]:
+    """The stored form of ``new_jobs``, a part at a time, also collected in ``stored``.
+
+    Built a slice at a time, yielding to the loop between slices, so the insert of the previous
+    part goes on being sent and answered meanwhile.
     """
-    stored: list[Job] = []
-    for start in range(0, len(rows), _JOBS_PER_SLICE):
-        await asyncio.sleep(0)
-        stored.extend(_row_to_job(row) for row in rows[start : start + _JOBS_PER_SLICE])
-    return stored
+    for start in range(0, len(new_jobs), _INSERT_PART):
+        part: list[Job] = []
+        for offset in range(start, min(start + _INSERT_PART, len(new_jobs)), _JOBS_PER_SLICE):
+            await asyncio.sleep(0)
+            part.extend(_new_stored_job(new, now) for new in new_jobs[offset : offset + _JOBS_PER_SLICE])
+        stored.extend(part)
+        yield part
 
 
 class SqlStore:
@@ -294,15 +352,31 @@ class SqlStore:
         """
         if not new_jobs:
             return []
-        rows = [self._new_row(new, now) for new in new_jobs]
         keys = [new.idempotency_key for new in new_jobs if new.idempotency_key is not None]
-        runnable_queues = sorted({row["queue"] for row in rows if row["state"] == JobState.QUEUED})
+        if (
+            connection is None
+            and self.dialect == "postgresql"
+            and len(new_jobs) >= _PARTS_FROM
+            and not any(new.idempotency_key or new.unique_key for new in new_jobs)
+        ):
+            # Nothing to look up afterwards, and big enough to go in parts.
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            stored: list[Job] = []
+            async with self._driven() as driven:
+                await postgres.insert_in_parts(driven, _stored_in_parts(new_jobs, now, stored))
+            if any(job.state is JobState.QUEUED for job in stored):
+                self._work_added.set()
+            return stored
+        stored = [_new_stored_job(new, now) for new in new_jobs]
+        rows = [_new_row(job, new) for job, new in zip(stored, new_jobs, strict=True)]
+        runnable_queues = sorted({job.queue for job in stored if job.state is JobState.QUEUED})
         if connection is not None and self.dialect == "postgresql":
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             if postgres.is_asyncpg_connection(connection):
                 existing = await postgres.insert_on_asyncpg(connection, rows)
-                return self._inserted(new_jobs, rows, [_row_to_job(row) for row in existing])
+                return self._inserted(new_jobs, stored, [_row_to_job(row) for row in existing])
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
         if (
@@ -315,18 +389,7 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                if len(rows) >= _COPY_FROM:
-                    copying = asyncio.ensure_future(postgres.copy_in(driven, rows))
-                    try:
-                        stored = await _jobs_meanwhile(rows)
-                    except BaseException:
-                        copying.cancel()
-                        await asyncio.gather(copying, return_exceptions=True)
-                        raise
-                    await copying
-                else:
-                    await postgres.insert_in_one_statement(driven, rows)
-                    stored = [_row_to_job(row) for row in rows]
+                await postgres.insert_in_one_statement(driven, rows)
             if runnable_queues:
                 self._work_added.set()
             return stored
@@ -340,7 +403,7 @@ class SqlStore:
                 existing = await postgres.insert_on_asyncpg(raw.driver_connection, rows)
             if runnable_queues:
                 self._work_added.set()
-            return self._inserted(new_jobs, rows, [_row_to_job(row) for row in existing])
+            return self._inserted(new_jobs, stored, [_row_to_job(row) for row in existing])
         async with self._writing(connection) as conn:
             # Duplicates are skipped, not errors: a retried insert whose first commit landed
             # must not fail, and a repeated idempotency key returns the first job.
@@ -359,58 +422,17 @@ class SqlStore:
             await self._notify(conn, JOBS_CHANNEL, runnable_queues)
         if connection is None and runnable_queues:
             self._work_added.set()
-        return self._inserted(new_jobs, rows, existing)
+        return self._inserted(new_jobs, stored, existing)
 
     @staticmethod
-    def _inserted(new_jobs: Sequence[NewJob], rows: Sequence[dict[str, Any]], existing: Sequence[Job]) -> list[Job]:
+    def _inserted(new_jobs: Sequence[NewJob], stored: Sequence[Job], existing: Sequence[Job]) -> list[Job]:
         """Each new job as stored: itself, or the job already holding its idempotency or unique key."""
         by_idempotency = {job.idempotency_key: job for job in existing if job.idempotency_key}
         by_unique = {job.unique_key: job for job in existing if job.unique_key and not job.finished}
         return [
-            by_idempotency.get(new.idempotency_key or "") or by_unique.get(new.unique_key or "") or _row_to_job(row)
-            for new, row in zip(new_jobs, rows, strict=True)
+            by_idempotency.get(new.idempotency_key or "") or by_unique.get(new.unique_key or "") or job
+            for new, job in zip(new_jobs, stored, strict=True)
         ]
-
-    @staticmethod
-    def _new_row(new: NewJob, now: datetime) -> dict[str, Any]:
-        # The returned job is built from this row, so it must read as a stored one: UTC.
-        now = _as_utc(now)
-        run_at = _as_utc(new.run_at or now)
-        return {
-            "id": new.id,
-            "task": new.task,
-            "queue": new.queue,
-            "priority": new.priority,
-            "state": JobState.WAITING
-            if new.waiting_on > 0
-            else (JobState.SCHEDULED if run_at > now else JobState.QUEUED),
-            "args": new.args,
-            "kwargs": new.kwargs,
-            "attempt": 0,
-            "max_attempts": new.max_attempts,
-            "timeout_seconds": new.timeout_seconds,
-            "run_at": run_at,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "attempted_at": None,
-            "finished_at": None,
-            "cancel_requested_at": None,
-            "progress": None,
-            "result": None,
-            "error": None,
-            "history": [],
-            "idempotency_key": new.idempotency_key,
-            "request_digest": new.request_digest,
-            "unique_key": new.unique_key,
-            "trace_context": new.trace_context,
-            "correlation_id": new.correlation_id,
-            "workflow_id": new.workflow_id,
-            "parent_id": new.parent_id,
-            "waiting_on": new.waiting_on,
-            "input_template": new.input_template,
-            "created_at": now,
-            "updated_at": now,
-        }
 
     @_guarded
     async def insert_workflow(
@@ -428,7 +450,8 @@ class SqlStore:
                 f"enqueue_workflow(connection=...) takes an SQLAlchemy AsyncConnection or AsyncSession, "
                 f"not {type(connection).__name__}"
             )
-        rows = [self._new_row(new, now) for new in compiled.jobs]
+        stored = [_new_stored_job(new, now) for new in compiled.jobs]
+        rows = [_new_row(job, new) for job, new in zip(stored, compiled.jobs, strict=True)]
         record = {
             "id": compiled.id,
             "name": name,
@@ -437,7 +460,7 @@ class SqlStore:
             "correlation_id": next((new.correlation_id for new in compiled.jobs if new.correlation_id), None),
             "created_at": _as_utc(now),
         }
-        queues = sorted({row["queue"] for row in rows if row["state"] == JobState.QUEUED})
+        queues = sorted({job.queue for job in stored if job.state is JobState.QUEUED})
         async with self._writing(connection) as conn:
             await conn.execute(sa.insert(workflows), [record])
             await conn.execute(sa.insert(jobs), rows)
@@ -447,7 +470,7 @@ class SqlStore:
             await self._notify(conn, JOBS_CHANNEL, queues)
         if connection is None and queues:
             self._work_added.set()
-        return _row_to_workflow(record, [_row_to_job(row) for row in rows])
+        return _row_to_workflow(record, stored)
 
     @_guarded
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
