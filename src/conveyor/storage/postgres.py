@@ -340,7 +340,7 @@ async def insert_in_one_statement(connection: Any, rows: Sequence[Mapping[str, A
 # or, when the whole batch shares its value, once: (column, array type, NOT NULL). A shared NOT
 # NULL value goes as a scalar that COALESCE fills in; a nullable column that is NULL throughout
 # goes as a NULL array, which unnest pads with NULLs. Sending each shared value once saves the
-# client most of its encoding (a timestamp alone costs the driver 0.6 µs) and the server nothing.
+# client most of its encoding (a timestamp alone costs the driver 0.6 µs) and costs the server nothing.
 _BULK_COLUMNS = (
     ("task", "text", True),
     ("queue", "text", True),
