@@ -404,33 +404,35 @@ def _bulk_arguments(part: Sequence[Job]) -> list[Any]:
     return [*arrays, *shared, part[0].created_at]
 
 
-async def insert_in_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]]) -> None:
+async def insert_in_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]]) -> list[Job]:
     """Insert new jobs (without idempotency or unique keys) and announce their queues, in one transaction.
 
-    Each part is one statement; the next part is built while the previous one is stored. A
-    batch retried after its commit landed unseen finds its own ids already stored: the ids are
-    this batch's, so that means the batch is in, and it counts as done. (Checking that after a
-    conflict, rather than skipping conflicts with ON CONFLICT, spares every insert a third of
-    its cost: the speculative insertion into each unique index.)
+    Returns every job of ``parts``. Each part is one statement; the next part is built while the
+    previous one is stored. A batch retried after its commit landed unseen finds its own ids
+    already stored: the ids are this batch's, so that means the batch is in, and it counts as
+    done. (Checking that after a conflict, rather than skipping conflicts with ON CONFLICT,
+    spares every insert a third of its cost: the speculative insertion into each unique index.)
     """
-    ids: list[str] = []
+    inserted: list[Job] = []
     async with contextlib.aclosing(parts):
         try:
-            await _insert_parts(connection, parts, ids)
+            await _insert_parts(connection, parts, inserted)
         except asyncpg.UniqueViolationError:
-            ids.extend([job.id async for part in parts for job in part])
+            inserted.extend([job async for part in parts for job in part])
+            ids = [job.id for job in inserted]
             stored = await connection.fetchval("SELECT count(*) FROM conveyor_jobs WHERE id = ANY($1::text[])", ids)
             if stored != len(ids):
                 raise
+    return inserted
 
 
-async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], ids: list[str]) -> None:
+async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], inserted: list[Job]) -> None:
     queues: set[str] = set()
     async with connection.transaction():
         inserting: asyncio.Future[Any] | None = None
         try:
             async for part in parts:
-                ids.extend(job.id for job in part)
+                inserted.extend(part)
                 queues.update(job.queue for job in part if job.state == "queued")
                 arguments = _bulk_arguments(part)
                 if inserting is not None:

@@ -239,8 +239,8 @@ _INSERT_PART = 200
 _JOBS_PER_SLICE = 50
 
 
-async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime, stored: list[Job]) -> AsyncGenerator[list[Job]]:
-    """The stored form of ``new_jobs``, a part at a time, also collected in ``stored``.
+async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime) -> AsyncGenerator[list[Job]]:
+    """The stored form of ``new_jobs``, a part at a time.
 
     Built a slice at a time, yielding to the loop between slices, so the insert of the previous
     part goes on being sent and answered meanwhile.
@@ -250,7 +250,6 @@ async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime, stored: li
         for offset in range(start, min(start + _INSERT_PART, len(new_jobs)), _JOBS_PER_SLICE):
             await asyncio.sleep(0)
             part.extend(_new_stored_job(new, now) for new in new_jobs[offset : offset + _JOBS_PER_SLICE])
-        stored.extend(part)
         yield part
 
 
@@ -353,18 +352,13 @@ class SqlStore:
         if not new_jobs:
             return []
         keys = [new.idempotency_key for new in new_jobs if new.idempotency_key is not None]
-        if (
-            connection is None
-            and self.dialect == "postgresql"
-            and len(new_jobs) >= _PARTS_FROM
-            and not any(new.idempotency_key or new.unique_key for new in new_jobs)
-        ):
-            # Nothing to look up afterwards, and big enough to go in parts.
+        # Without keys there is nothing to look up afterwards.
+        keyless = not any(new.idempotency_key or new.unique_key for new in new_jobs)
+        if connection is None and self.dialect == "postgresql" and keyless and len(new_jobs) >= _PARTS_FROM:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-            stored: list[Job] = []
             async with self._driven() as driven:
-                await postgres.insert_in_parts(driven, _stored_in_parts(new_jobs, now, stored))
+                stored = await postgres.insert_in_parts(driven, _stored_in_parts(new_jobs, now))
             if any(job.state is JobState.QUEUED for job in stored):
                 self._work_added.set()
             return stored
@@ -379,11 +373,7 @@ class SqlStore:
                 return self._inserted(new_jobs, stored, [_row_to_job(row) for row in existing])
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
-        if (
-            connection is None
-            and self.dialect == "postgresql"
-            and not any(new.idempotency_key or new.unique_key for new in new_jobs)
-        ):
+        if connection is None and self.dialect == "postgresql" and keyless:
             # Nothing to look up afterwards: the rows and their NOTIFY go in one autocommit
             # statement, one round trip however many jobs (and no BEGIN/COMMIT around it).
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
