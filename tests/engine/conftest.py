@@ -3,11 +3,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from conveyor import Conveyor, Worker
+from conveyor import Conveyor, Task, Worker
 
 
 @contextlib.asynccontextmanager
@@ -25,6 +26,30 @@ async def running_worker(app: Conveyor, **options: Any) -> AsyncGenerator[Worker
     finally:
         worker.stop()
         await asyncio.wait_for(run, 30)
+
+
+@dataclass
+class Lingering:
+    """A task that marks its start, then sleeps for a minute, marking it if cancelled meanwhile."""
+
+    task: Task[[], Any]
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    cleaned_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def lingering_task(app: Conveyor, **options: Any) -> Lingering:
+    entered, cleaned_up = asyncio.Event(), asyncio.Event()
+
+    @app.task(name="linger", **options)
+    async def linger() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cleaned_up.set()
+            raise
+
+    return Lingering(linger, entered, cleaned_up)
 
 
 @pytest.fixture

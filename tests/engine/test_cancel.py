@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from tests.engine.conftest import running_worker
+from tests.engine.conftest import lingering_task, running_worker
 from tests.support import tasks as support
 
 from conveyor import CONTEXT, Conveyor, JobContext, JobState, Outcome
@@ -15,26 +15,16 @@ async def test_cancelling_a_running_async_job_stops_it_within_a_second_and_runs_
     database_url: str,
 ) -> None:
     app = Conveyor(database_url=database_url, cancel_check_seconds=0.1, poll_interval_seconds=0.05)
-    entered = asyncio.Event()
-    cleaned_up = asyncio.Event()
-
-    @app.task(max_attempts=5)
-    async def long_running() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cleaned_up.set()
-            raise
+    long_running = lingering_task(app, max_attempts=5)
 
     try:
-        job = await long_running.enqueue()
+        job = await long_running.task.enqueue()
         async with running_worker(app):
-            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(long_running.entered.wait(), 10)
             asked = await app.cancel_job(job.id)
             assert asked.state is JobState.RUNNING
             assert asked.cancel_requested_at is not None
-            await asyncio.wait_for(cleaned_up.wait(), 1.5)
+            await asyncio.wait_for(long_running.cleaned_up.wait(), 1.5)
             final = await app.wait_for_job(job.id, timeout=10)
         assert (final.state, final.attempt) == (JobState.CANCELLED, 1), "cancelled, not retried"
         assert [record.outcome for record in final.history] == [Outcome.CANCELLED]

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sqlite3
 import threading
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from tests.engine.conftest import running_worker
+from tests.engine.conftest import lingering_task, running_worker
 from tests.support import tasks as support
 
 from conveyor import CONTEXT, Conveyor, Exponential, JobContext, JobState, Outcome, PermanentError, Worker, constant
@@ -321,25 +322,15 @@ async def test_shutdown_hands_back_jobs_that_outlive_the_grace_period_without_bu
     database_url: str,
 ) -> None:
     app = Conveyor(database_url=database_url, shutdown_grace_seconds=0.1, poll_interval_seconds=0.05)
-    entered = asyncio.Event()
-    cleaned_up = asyncio.Event()
-
-    @app.task
-    async def long_running() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cleaned_up.set()
-            raise
+    long_running = lingering_task(app)
 
     try:
-        job = await long_running.enqueue()
+        job = await long_running.task.enqueue()
         async with running_worker(app):
-            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(long_running.entered.wait(), 10)
 
         handed_back = await app.get_job(job.id)
-        assert cleaned_up.is_set(), "the task saw CancelledError and ran its cleanup"
+        assert long_running.cleaned_up.is_set(), "the task saw CancelledError and ran its cleanup"
         assert (handed_back.state, handed_back.attempt) == (JobState.QUEUED, 0)
         assert handed_back.lease_owner is None
         assert [record.outcome for record in handed_back.history] == [Outcome.RELEASED]
@@ -657,3 +648,46 @@ async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
     assert handed_back, "the held claims' jobs came back to the queue"
     assert all(job.attempt == 0 and job.lease_owner is None for job in handed_back)
     assert {record.outcome for job in handed_back for record in job.history} == {Outcome.RELEASED}
+
+
+async def test_cancelling_the_run_hands_back_running_and_prefetched_jobs_and_then_ends(app: Conveyor) -> None:
+    linger = lingering_task(app)
+    jobs = await app.enqueue_many([linger.task.job() for _ in range(2)])
+    worker = Worker(app, concurrency=1)
+    run = asyncio.create_task(worker.run())
+    await asyncio.wait_for(linger.entered.wait(), 10)
+    while worker.stats.claimed < 2:  # the running job and the one prefetched behind it
+        await asyncio.sleep(0.01)
+
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 10)
+
+    finals = [await app.get_job(job.id) for job in jobs]
+    assert linger.cleaned_up.is_set(), "the running task saw the cancel and ran its cleanup"
+    assert [job.state for job in finals] == [JobState.QUEUED] * 2
+    assert all(job.attempt == 0 and job.lease_owner is None for job in finals)
+    assert [record.outcome for job in finals for record in job.history] == [Outcome.RELEASED] * 2
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_a_cancelled_run_ends_within_the_grace_period_when_its_writes_cannot_land(database_url: str) -> None:
+    app = Conveyor(database_url=database_url, shutdown_grace_seconds=0.2, sqlite_busy_timeout_seconds=0.1)
+    linger = lingering_task(app)
+    blocker = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        job = await linger.task.enqueue()
+        run = asyncio.create_task(Worker(app).run())
+        await asyncio.wait_for(linger.entered.wait(), 10)
+        blocker.execute("BEGIN EXCLUSIVE")  # every write of the worker's now fails, and is retried
+
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+
+        blocker.execute("ROLLBACK")
+        unwritten = await app.get_job(job.id)
+        assert (unwritten.state, unwritten.history) == (JobState.RUNNING, ()), "left leased for the rescuer"
+    finally:
+        blocker.close()
+        await app.close()

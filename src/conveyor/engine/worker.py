@@ -11,7 +11,7 @@
 
 Shutdown (SIGTERM/SIGINT, or ``stop()``): stop claiming, let running jobs finish within the
 grace period, then cancel the rest and hand them back without burning an attempt. A second
-signal skips the grace period.
+signal skips the grace period; so does cancelling ``run()`` itself, which then raises again.
 """
 
 from __future__ import annotations
@@ -212,14 +212,31 @@ class Worker:
         if self.runs_schedules and schedules and not drain:
             background.append(asyncio.create_task(Scheduler(self.app, schedules).run()))
         acker = asyncio.create_task(self._acker(store))
+        cancelled = False
         try:
             await self._produce(store, executor, drain=drain)
             await self._finish_running()
+        except asyncio.CancelledError:
+            # Cancelled from outside (an embedding application shutting down): stop at once, as
+            # on a second signal. Running jobs are cancelled and prefetched ones dropped, each
+            # handed back, so the acker below has nothing left to wait for but their writes.
+            cancelled = True
+            self.stop(immediate=True)
+            await self._finish_running()
+            raise
         finally:
             self._stopping.set()
             self._claims_settled = True
             self._ack_ready.set()
-            await acker
+            if cancelled:
+                # The caller wants the run over: the writes get the grace period to land (the
+                # acker retries a failing one for as long as it takes). A job whose outcome did
+                # not land stays leased until the rescuer takes it back, as after a crash.
+                await asyncio.wait({acker}, timeout=self.settings.shutdown_grace_seconds)
+                acker.cancel()
+                await asyncio.gather(acker, return_exceptions=True)
+            else:
+                await acker
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
