@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     """Jobs a worker claims beyond its concurrency, leased and waiting for a slot, so a slot that
     frees starts its next job at once; None means ``min(concurrency, claim_batch_size)``, 0 none."""
     pool_size: int = Field(default=10, ge=1, le=1_000)
-    """PostgreSQL connections kept open per process."""
+    """Connections kept open per process (SQLite: the most it opens)."""
     max_overflow: int = Field(default=10, ge=0, le=1_000)
     """Extra PostgreSQL connections opened under load, beyond ``pool_size``."""
     pool_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)

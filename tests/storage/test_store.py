@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from conveyor.errors import JobNotFoundError, JobStateError, StorageError
 from conveyor.jobs import (
@@ -27,6 +28,7 @@ from conveyor.jobs import (
 )
 from conveyor.settings import Settings
 from conveyor.storage import Store, open_store
+from conveyor.storage.sql import SqlStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
@@ -988,3 +990,21 @@ async def test_datetimes_come_back_timezone_aware_in_utc(store: Store) -> None:
     assert running.run_at == run_at
     assert (running.run_at.hour, running.run_at.microsecond) == (14, 123456)
     assert stats.oldest_runnable_at is None
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_sqlite_keeps_its_connections_open_under_concurrent_reads(backend_url: str) -> None:
+    store = await open_store(Settings(database_url=backend_url, pool_size=4))
+    assert isinstance(store, SqlStore)
+    opened: list[object] = []
+    event.listen(store.engine.sync_engine, "connect", lambda connection, _record: opened.append(connection))
+    after_each_round = []
+    try:
+        for _ in range(3):
+            await asyncio.gather(*(store.list_jobs(JobFilter(), limit=5) for _ in range(20)))
+            after_each_round.append(len(opened))
+    finally:
+        await store.close()
+
+    # Opening one costs a thread and its PRAGMAs: each is opened once and kept, up to pool_size.
+    assert after_each_round[0] == after_each_round[-1] <= 4, after_each_round

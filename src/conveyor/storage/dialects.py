@@ -151,6 +151,11 @@ def _create_sqlite_engine(url: sa.URL, settings: Settings) -> AsyncEngine:
         json_serializer=dumps,
         json_deserializer=loads,
         connect_args={"timeout": busy_timeout},
+        # Every connection is kept: opening one costs a thread and four PRAGMAs, and a pool that
+        # closed its overflow connections on return opened a new one for most requests under load.
+        pool_size=settings.pool_size,
+        max_overflow=0,
+        pool_timeout=settings.pool_timeout_seconds,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
