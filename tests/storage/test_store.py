@@ -809,6 +809,50 @@ async def test_get_job_of_an_unknown_id_is_none(store: Store) -> None:
     assert await store.get_job(new_job_id()) is None
 
 
+async def test_reads_of_single_jobs_asked_together_each_get_their_own_job(store: Store) -> None:
+    stored = await insert(store, *(new(args=[number]) for number in range(30)))
+    asked = [job.id for job in stored] + [stored[0].id, new_job_id()]
+
+    found = await asyncio.wait_for(asyncio.gather(*(store.get_job(job_id) for job_id in asked)), 10)
+
+    assert found[:30] == stored
+    assert found[30] == stored[0], "an id asked twice at once is answered twice"
+    assert found[31] is None
+
+
+async def test_a_reader_that_gives_up_leaves_the_others_answered(store: Store) -> None:
+    first, second = await insert(store, new(), new())
+    leaving = asyncio.create_task(store.get_job(first.id))
+    staying = asyncio.create_task(store.get_job(second.id))
+    await asyncio.sleep(0)  # both have asked
+
+    leaving.cancel()
+
+    assert await asyncio.wait_for(staying, 10) == second
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert await store.get_job(first.id) == first
+
+
+async def test_a_failed_read_fails_every_reader_waiting_on_it_and_the_next_read_works(
+    store: Store, twin_store: Store
+) -> None:
+    (job,) = await insert(store, new())
+    await store.get_job(job.id)  # the connection and its statement are ready before the table goes
+    assert isinstance(twin_store, SqlStore)
+    async with twin_store.engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE conveyor_jobs RENAME TO conveyor_jobs_away")
+    try:
+        reads = asyncio.gather(*(store.get_job(job.id) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.wait_for(reads, 30)
+    finally:
+        async with twin_store.engine.begin() as conn:
+            await conn.exec_driver_sql("ALTER TABLE conveyor_jobs_away RENAME TO conveyor_jobs")
+
+    assert all(isinstance(outcome, StorageError) for outcome in outcomes), outcomes
+    assert await store.get_job(job.id) == job
+
+
 # -- operator actions ------------------------------------------------------------------------------
 
 

@@ -352,17 +352,21 @@ def sqlite_claim(
     return _sqlite_claim_sql(len(queues)), (lease_owner, lease_expires_at, now, now, now, *per_queue, *overall)
 
 
-_SQLITE_GET_JOB = f"SELECT {', '.join(_SQLITE_JOB_COLUMNS)} FROM conveyor_jobs WHERE id = ?"  # noqa: S608 - constant
+# The ids travel as one JSON array: one statement, cached once, however many are asked about.
+_SQLITE_GET_JOBS = (
+    f"SELECT {', '.join(_SQLITE_JOB_COLUMNS)} FROM conveyor_jobs "  # noqa: S608 - constant
+    "WHERE id IN (SELECT value FROM json_each(?))"
+)
 
 
-async def sqlite_get_job(driver: Any, job_id: str) -> dict[str, Any] | None:
-    """One job's row, decoded, read on the aiosqlite connection in one call into its thread.
+async def sqlite_get_jobs(driver: Any, job_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of the jobs that exist among ``job_ids``, decoded, read in one call into the connection's thread.
 
-    Through SQLAlchemy's cursor, a read of one row makes about fifteen calls (begin, execute,
-    fetch, close, rollback), each a hop to the database's thread and back: 2 ms against 0.6.
+    Through SQLAlchemy's cursor, a read makes about fifteen calls (begin, execute, fetch,
+    close, rollback), each a hop to the database's thread and back: 2 ms against 0.6.
     """
-    found = list(await driver.execute_fetchall(_SQLITE_GET_JOB, (job_id,)))
-    return sqlite_job_row(found[0]) if found else None
+    found = await driver.execute_fetchall(_SQLITE_GET_JOBS, (dumps(list(job_ids)),))
+    return [sqlite_job_row(row) for row in found]
 
 
 def sqlite_job_row(row: Sequence[Any]) -> dict[str, Any]:

@@ -452,13 +452,12 @@ async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], i
 
 
 _RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
-_GET_SQL = f"SELECT {_RETURNING}, waiting_on FROM conveyor_jobs WHERE id = $1"  # noqa: S608 - constant
+_GET_SQL = f"SELECT {_RETURNING}, waiting_on FROM conveyor_jobs WHERE id = ANY($1::text[])"  # noqa: S608 - constant
 
 
-async def get_in_one_statement(connection: Any, job_id: str) -> dict[str, Any] | None:
-    """One job's row with its JSON decoded, or None: the read behind every poll of a job."""
-    record = await connection.fetchrow(_GET_SQL, job_id)
-    return None if record is None else _decoded(record)
+async def get_in_one_statement(connection: Any, job_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of the jobs that exist among ``job_ids``, JSON decoded: the read behind every poll of a job."""
+    return [_decoded(record) for record in await connection.fetch(_GET_SQL, list(job_ids))]
 
 
 _RUNNABLE_IN = "state IN ('queued', 'scheduled', 'retrying')"

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import operator
 import sqlite3
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
@@ -253,6 +253,47 @@ async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime) -> AsyncGe
         yield part
 
 
+class _SharedReads:
+    """Reads of single jobs that arrive together are answered by one query.
+
+    The first waits for no one: its query goes at once. Whatever asks while that query is out
+    forms the next. Clients polling their jobs then cost one query per round, not one each; on
+    SQLite each query is a hop into the connection's thread and back, which under load waits
+    its turn for the interpreter lock.
+    """
+
+    def __init__(self, read: Callable[[list[str]], Awaitable[dict[str, Job]]], max_batch: int = 500) -> None:
+        self._read = read
+        self._max_batch = max_batch
+        self._pending: list[tuple[str, asyncio.Future[Job | None]]] = []
+        self._reading: asyncio.Task[None] | None = None
+
+    async def get(self, job_id: str) -> Job | None:
+        found: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((job_id, found))
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.create_task(self._read_pending(), name="conveyor-shared-reads")
+        return await found
+
+    async def _read_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            try:
+                jobs = await self._read(list({job_id for job_id, _ in batch}))
+            except asyncio.CancelledError:
+                for _, found in batch:
+                    found.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - each waiting caller gets the failure as its own
+                for _, found in batch:
+                    if not found.done():
+                        found.set_exception(exc)
+                continue
+            for job_id, found in batch:
+                if not found.done():
+                    found.set_result(jobs.get(job_id))
+
+
 class SqlStore:
     """The ``Store`` on SQLAlchemy Core. One instance serves one event loop."""
 
@@ -275,6 +316,7 @@ class SqlStore:
         self._claimed_in_full: set[tuple[str, ...]] = set()
         self._finish_listeners: list[Callable[[set[str]], None]] = []
         self._listener: Any = None
+        self._reads = _SharedReads(self._read_jobs)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -828,17 +870,20 @@ class SqlStore:
 
     @_guarded
     async def get_job(self, job_id: str) -> Job | None:
+        return await self._reads.get(job_id)
+
+    async def _read_jobs(self, job_ids: list[str]) -> dict[str, Job]:
         if self.dialect == "postgresql":
             # Straight to the driver: clients poll jobs, and SQLAlchemy's statement and row
             # processing cost several times the query itself.
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                row = await postgres.get_in_one_statement(driven, job_id)
+                rows = await postgres.get_in_one_statement(driven, job_ids)
         else:
             async with self._read_engine.connect() as conn:
-                row = await dialects.sqlite_get_job((await conn.get_raw_connection()).driver_connection, job_id)
-        return _row_to_job(row) if row else None
+                rows = await dialects.sqlite_get_jobs((await conn.get_raw_connection()).driver_connection, job_ids)
+        return {row["id"]: _row_to_job(row) for row in rows}
 
     @_guarded
     async def find_idempotency_keys(self, keys: Sequence[str]) -> dict[str, str]:
