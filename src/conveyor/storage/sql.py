@@ -125,9 +125,7 @@ def _json_text(value: Any) -> str:
     return dialects.dumps(value)
 
 
-def _sqlite_text(value: datetime) -> str:
-    """A time as SQLite columns hold it (SQLAlchemy's DATETIME text, in UTC), for hand-written SQL."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+_sqlite_text = dialects.sqlite_text
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
@@ -415,13 +413,18 @@ class SqlStore:
                 return self._inserted(new_jobs, stored, [_row_to_job(row) for row in existing])
         if isinstance(connection, AsyncSession):
             connection = await connection.connection()
-        if connection is None and self.dialect == "postgresql" and keyless:
-            # Nothing to look up afterwards: the rows and their NOTIFY go in one autocommit
-            # statement, one round trip however many jobs (and no BEGIN/COMMIT around it).
-            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+        if connection is None and keyless:
+            # Nothing to look up afterwards: the rows (and on PostgreSQL their NOTIFY) go in one
+            # autocommit statement, one round trip however many jobs, with no BEGIN and COMMIT.
+            if self.dialect == "postgresql":
+                from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-            async with self._driven() as driven:
-                await postgres.insert_in_one_statement(driven, rows)
+                async with self._driven() as driven:
+                    await postgres.insert_in_one_statement(driven, rows)
+            else:
+                assert self._write_lock is not None
+                async with self._write_lock, self._engine.connect() as conn:
+                    await dialects.sqlite_insert_rows((await conn.get_raw_connection()).driver_connection, rows)
             if runnable_queues:
                 self._work_added.set()
             return stored
