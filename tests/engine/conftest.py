@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -33,8 +33,8 @@ class Lingering:
     """A task that marks its start, then sleeps for a minute, marking it if cancelled meanwhile."""
 
     task: Task[[], Any]
-    entered: asyncio.Event = field(default_factory=asyncio.Event)
-    cleaned_up: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event
+    cleaned_up: asyncio.Event
 
 
 def lingering_task(app: Conveyor, **options: Any) -> Lingering:
