@@ -367,26 +367,16 @@ async def test_a_worker_that_loses_its_lease_stops_the_attempt_and_its_late_ack_
     database_url: str,
 ) -> None:
     app = Conveyor(database_url=database_url, lease_seconds=0.6, poll_interval_seconds=0.05)
-    entered = asyncio.Event()
-    stopped = asyncio.Event()
-
-    @app.task(max_attempts=1)
-    async def long_running() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
+    long_running = lingering_task(app, max_attempts=1)
 
     try:
-        job = await long_running.enqueue()
+        job = await long_running.task.enqueue()
         async with running_worker(app):
-            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(long_running.entered.wait(), 10)
             # Another party rescues the job as if this worker's lease had run out.
             rescued = await (await app.store()).rescue_jobs(now=app.clock() + timedelta(hours=1))
             assert [found.id for found in rescued] == [job.id]
-            await asyncio.wait_for(stopped.wait(), 10)
+            await asyncio.wait_for(long_running.cleaned_up.wait(), 10)
 
         final = await app.get_job(job.id)
         assert final.state is JobState.DEAD, "out of attempts once the lost attempt counted"

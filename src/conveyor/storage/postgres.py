@@ -268,10 +268,10 @@ _ALL_COLUMNS = (
     "result",
     "error",
 )
+# Every column, JSON ones as text: decoded once by ``_decoded``, whatever codecs the connection has.
+_RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
 _EXISTING_SQL = (
-    "SELECT "  # noqa: S608 - constant column names
-    + ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
-    + " FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])"
+    f"SELECT {_RETURNING} FROM conveyor_jobs WHERE idempotency_key = ANY($1::text[])"  # noqa: S608 - constant columns
     " OR (unique_key = ANY($2::text[]) AND state IN ('scheduled', 'queued', 'running', 'retrying'))"
 )
 
@@ -284,8 +284,9 @@ _STATE_POSITION = _INSERT_COLUMNS.index("state")
 def _insert_record(row: Mapping[str, Any]) -> tuple[Any, ...]:
     """A job row as the driver's record of ``_INSERT_COLUMNS``: JSON columns as text, the state as its text.
 
-    Picked in one C call and patched in the few places that need it: a bulk enqueue builds one
-    per job, and a per-column conversion cost as much as the rest of the row's way to the server.
+    Picked in one C call and patched in the few places that need it: an insert in the caller's
+    transaction builds one per job, and a per-column conversion cost as much as the rest of the
+    row's way to the server.
     """
     record = list(_pick_inserted(row))
     for position in _JSON_POSITIONS:
@@ -451,7 +452,6 @@ async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], i
             )
 
 
-_RETURNING = ", ".join(f"{column}::text AS {column}" if column in _ALL_JSON else column for column in _ALL_COLUMNS)
 _GET_SQL = f"SELECT {_RETURNING}, waiting_on FROM conveyor_jobs WHERE id = ANY($1::text[])"  # noqa: S608 - constant
 
 
