@@ -7,20 +7,20 @@ draining a backlog would take quadratic time: correct results, so only the plan 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from conveyor.jobs import NewJob
 from conveyor.settings import Settings
-from conveyor.storage import open_store
+from conveyor.storage import dialects, open_store
 from conveyor.storage import postgres as pg
 from conveyor.storage.sql import SqlStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
 BACKLOG = 500
 
 
@@ -53,8 +53,8 @@ async def test_a_postgres_claim_walks_the_index_in_order_with_no_sort_and_no_bit
 
 @pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
 async def test_a_sqlite_claim_walks_the_index_in_order_with_no_sort(backlogged: SqlStore, backend_url: str) -> None:
-    one = await _sqlite_claim_plan(backlogged, backend_url, ["default"])
-    several = await _sqlite_claim_plan(backlogged, backend_url, ["default", "emails"])
+    one = await _sqlite_plan(backlogged, backend_url, _claim(["default"]), expect=10)
+    several = await _sqlite_plan(backlogged, backend_url, _claim(["default", "emails"]), expect=10)
 
     assert "ix_conveyor_jobs_runnable" in one
     assert "TEMP B-TREE" not in one
@@ -63,21 +63,44 @@ async def test_a_sqlite_claim_walks_the_index_in_order_with_no_sort(backlogged: 
     assert several.count("TEMP B-TREE") == 1
 
 
-async def _sqlite_claim_plan(store: SqlStore, url: str, queues: list[str]) -> str:
-    statements: list[tuple[str, Any]] = []
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_an_idle_sqlite_workers_look_for_due_jobs_searches_an_index(
+    backlogged: SqlStore, backend_url: str
+) -> None:
+    plan = await _sqlite_plan(
+        backlogged, backend_url, lambda driver: dialects.sqlite_any_due(driver, ["default"], T0_TEXT), expect=True
+    )
 
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE"):
-            statements.append((statement, parameters))
+    assert plan.startswith("SEARCH conveyor_jobs USING INDEX")
+    assert "SCAN" not in plan
 
-    engine = store._engine.sync_engine
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        claimed = await store.fetch_jobs(queues=queues, limit=10, lease_owner="w#1", lease_seconds=30, now=T0)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    assert len(claimed) == 10
-    ((statement, parameters),) = statements
+
+T0_TEXT = dialects.sqlite_text(T0)
+
+
+def _claim(queues: list[str]) -> Callable[[Any], Awaitable[Any]]:
+    return lambda driver: dialects.sqlite_claim(driver, queues, 10, "w#1", dialects.sqlite_text(T0 + HOUR), T0_TEXT)
+
+
+class _Recording:
+    """The store's SQLite connection, noting each statement it is sent."""
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+        self.sent: list[tuple[str, Any]] = []
+
+    async def execute_fetchall(self, statement: str, parameters: Any) -> Any:
+        self.sent.append((statement, parameters))
+        return await self._driver.execute_fetchall(statement, parameters)
+
+
+async def _sqlite_plan(store: SqlStore, url: str, send: Callable[[Any], Awaitable[Any]], *, expect: object) -> str:
+    """The plan of the one statement ``send`` makes, after checking that it answers ``expect`` (rows: their count)."""
+    async with store._engine.connect() as conn:
+        recording = _Recording((await conn.get_raw_connection()).driver_connection)
+        answer = await send(recording)
+    assert (len(answer) if isinstance(answer, list) else answer) == expect
+    ((statement, parameters),) = recording.sent
     with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
         return " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
 

@@ -340,16 +340,34 @@ def _sqlite_claim_sql(queue_count: int) -> str:
     )
 
 
-def sqlite_claim(
-    queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: str, now: str
-) -> tuple[str, tuple[Any, ...]]:
-    """The claim for SQLite and its parameters: the best ``limit`` due jobs of ``queues``, leased.
+async def sqlite_claim(
+    driver: Any, queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: str, now: str
+) -> list[dict[str, Any]]:
+    """Lease the best ``limit`` due jobs of ``queues``; their rows, decoded. Times come as SQLite holds them (text).
 
-    Times come as SQLite holds them (text). The rows it returns decode with ``sqlite_job_row``.
+    One statement, so one transaction on its own, sent in one call into the connection's
+    thread: an UPDATE takes the write lock as it starts, so it waits its turn like ``BEGIN
+    IMMEDIATE``. Inside SQLAlchemy's transaction the claim took five such calls.
     """
     per_queue = tuple(value for queue in queues for value in (queue, limit))
     overall = (limit,) if len(queues) > 1 else ()
-    return _sqlite_claim_sql(len(queues)), (lease_owner, lease_expires_at, now, now, now, *per_queue, *overall)
+    parameters = (lease_owner, lease_expires_at, now, now, now, *per_queue, *overall)
+    found = await driver.execute_fetchall(_sqlite_claim_sql(len(queues)), parameters)
+    return [sqlite_job_row(row) for row in found]
+
+
+@functools.cache
+def _sqlite_any_due_sql(queue_count: int) -> str:
+    # The runnable states written out, as the partial index's predicate names them.
+    return (
+        "SELECT 1 FROM conveyor_jobs WHERE state IN ('queued', 'scheduled', 'retrying') "  # noqa: S608 - constant
+        f"AND run_at <= ? AND queue IN ({', '.join('?' * queue_count)}) LIMIT 1"
+    )
+
+
+async def sqlite_any_due(driver: Any, queues: Sequence[str], now: str) -> bool:
+    """Whether any job of ``queues`` is due at ``now`` (SQLite's text time): one read, one call into the thread."""
+    return bool(await driver.execute_fetchall(_sqlite_any_due_sql(len(queues)), (now, *queues)))
 
 
 # The ids travel as one JSON array: one statement, cached once, however many are asked about.
