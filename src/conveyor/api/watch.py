@@ -7,6 +7,7 @@ import contextlib
 
 import structlog
 
+from conveyor.background import Background
 from conveyor.errors import ConveyorError
 from conveyor.storage import Store
 
@@ -25,18 +26,15 @@ class JobWatcher:
         self._store = store
         self._interval = interval
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(self._run, name="conveyor-job-watcher")
         self._released = False
         store.on_jobs_finished(self._wake)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="conveyor-job-watcher")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._background.stop()
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()

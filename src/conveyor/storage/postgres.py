@@ -19,6 +19,7 @@ import asyncpg
 import sqlalchemy as sa
 import structlog
 
+from conveyor.background import Background
 from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads
 
 if TYPE_CHECKING:
@@ -81,20 +82,15 @@ class Listener:
         self._handlers = dict(handlers)
         self._on_connect = on_connect
         self._check_interval = check_interval
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(self._run, name="conveyor-pg-listener")
         self.connected = asyncio.Event()
         self._last_error_log = 0.0
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="conveyor-pg-listener")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def _run(self) -> None:
         failures = 0
