@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import sys
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
@@ -150,3 +151,18 @@ async def test_a_crashing_cpu_task_does_not_take_the_worker_process_down(
     assert (crashed_final.state, crashed_final.attempt) == (JobState.DEAD, 2)
     assert after_final.result == 144
     assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+@pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's; elsewhere SQLite workers only poll")
+async def test_an_idle_sqlite_worker_starts_another_processs_jobs_without_waiting_for_its_poll(
+    tmp_path: Path, database_url: str, workers: list[WorkerProcess], app: Conveyor
+) -> None:
+    noop = app.task(name="noop")(support.noop.fn)
+    start_worker(workers, tmp_path, database_url, poll_interval_seconds="60")
+
+    for n in range(3):
+        # Each after the last has finished: the worker has looked for jobs and found none, and
+        # sleeps for a minute unless the commit wakes it.
+        job = await app.wait_for_job((await noop.enqueue(n)).id, timeout=20)
+        assert job.state is JobState.SUCCEEDED

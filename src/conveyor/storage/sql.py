@@ -46,6 +46,7 @@ from conveyor.limits import ClaimLimits
 from conveyor.storage import dialects
 from conveyor.storage import limits as limited_claims
 from conveyor.storage import workflows as workflow_store
+from conveyor.storage.commits import CommitWatch
 from conveyor.storage.schema import IS_RUNNABLE, JSONType, UTCDateTime, checked_state, jobs, tokens, workflows
 from conveyor.workflows import CompiledWorkflow, Workflow, order_jobs
 
@@ -314,6 +315,7 @@ class SqlStore:
         self._claimed_in_full: set[tuple[str, ...]] = set()
         self._finish_listeners: list[Callable[[set[str]], None]] = []
         self._listener: Any = None
+        self._commit_watch: CommitWatch | None = None
         self._reads = _SharedReads(self._read_jobs)
 
     @property
@@ -324,6 +326,9 @@ class SqlStore:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        if self._commit_watch is not None:
+            await self._commit_watch.stop()
+            self._commit_watch = None
         if self._driver is not None:
             await self._driver.close()
         await self._engine.dispose()
@@ -343,6 +348,18 @@ class SqlStore:
             on_connect=self._work_added.set,
         )
         self._listener.start()
+
+    def _watch_commits(self) -> None:
+        """Wake on other processes' commits (SQLite), once, when a worker first waits for jobs.
+
+        Only workers watch: a server without one would read an event for each of its own commits.
+        """
+        if self.dialect != "sqlite" or self._commit_watch is not None:
+            return
+        path = dialects.sqlite_path(self._engine.url)
+        if path is not None:
+            self._commit_watch = CommitWatch(path, self._work_added.set)
+            self._commit_watch.start()
 
     async def _notify(self, conn: AsyncConnection, channel: str, payloads: Sequence[str]) -> None:
         """Queue NOTIFYs in this transaction: PostgreSQL delivers them at commit, once."""
@@ -517,8 +534,9 @@ class SqlStore:
         return _row_to_workflow(record, [_row_to_job(row) for row in members])
 
     async def wait_for_jobs(self, timeout: float) -> None:
-        """Return when runnable jobs were added (here, or by any process on PostgreSQL), or after ``timeout``."""
+        """Return when runnable jobs may have been added (here, or by any process), or after ``timeout``."""
         self._listen()
+        self._watch_commits()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work_added.wait(), timeout)
         self._work_added.clear()
