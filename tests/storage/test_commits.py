@@ -31,6 +31,8 @@ async def woken(database: Path) -> AsyncIterator[asyncio.Event]:
     watch = CommitWatch(database, event.set)
     watch.start()
     assert await asyncio.wait_for(watch.ready, 5)
+    await asyncio.wait_for(event.wait(), 5)  # the wake-up for commits made before the watch began
+    event.clear()
     yield event
     await watch.stop()
 
@@ -67,6 +69,19 @@ async def test_commits_close_together_wake_it_again_after_the_pause(database: Pa
     await asyncio.to_thread(commit, database)
 
     await asyncio.wait_for(woken.wait(), 5)
+
+
+async def test_a_commit_made_before_the_watch_is_in_place_is_looked_for_as_it_starts(database: Path) -> None:
+    # A worker looks for jobs, finds none, and then starts to watch: a commit in between would
+    # otherwise wait for the next poll.
+    await asyncio.to_thread(commit, database)
+    event = asyncio.Event()
+    watch = CommitWatch(database, event.set)
+    watch.start()
+    try:
+        await asyncio.wait_for(event.wait(), 5)
+    finally:
+        await watch.stop()
 
 
 async def test_a_folder_that_cannot_be_watched_is_logged_and_leaves_polling_to_the_worker(tmp_path: Path) -> None:

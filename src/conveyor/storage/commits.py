@@ -27,7 +27,8 @@ at the pause's end (the kernel keeps the event until it is read)."""
 class CommitWatch:
     """Calls ``on_commit`` soon after any process writes to the SQLite database at ``path``.
 
-    Also fires for this process's own commits: a wake-up costs the worker one cheap read.
+    Also calls it once as the watch starts, for commits made before, and for this process's own
+    commits: a wake-up costs the worker one cheap read.
     """
 
     def __init__(self, path: Path, on_commit: Callable[[], None]) -> None:
@@ -58,8 +59,11 @@ class CommitWatch:
                 # closes and creates it again on the next write.
                 inotify.add_watch(self._directory, Mask.MODIFY | Mask.ONLYDIR)
                 self.ready.set_result(True)
+                # A commit between the worker's last look and this moment went unseen.
+                self._on_commit()
                 async for event in inotify:
-                    if event.name is not None and event.name.name == self._wal_name:
+                    # An overflow of the kernel's queue may have dropped a commit's event.
+                    if Mask.Q_OVERFLOW in event.mask or (event.name is not None and event.name.name == self._wal_name):
                         self._on_commit()
                         await asyncio.sleep(SPACING_SECONDS)
         except OSError as exc:
