@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import re
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -399,18 +400,19 @@ def _sqlite_insert_sql(columns: tuple[str, ...]) -> str:
 
 def sqlite_text(value: datetime) -> str:
     """A time as SQLite columns hold it (SQLAlchemy's DATETIME text, in UTC), for hand-written SQL."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    # isoformat, not strftime: the same text in a fraction of the time (an enqueue writes three).
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    return utc.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def _sqlite_stored(name: str, value: Any) -> Any:
-    """A value as its SQLite column holds it: times as UTC text, JSON as its text."""
-    if value is None:
-        return None
-    if name in _SQLITE_TIME_COLUMNS:
-        return sqlite_text(value)
-    if name in _SQLITE_JSON_COLUMNS:
-        return dumps(value)
-    return value
+@functools.cache
+def _sqlite_storage(columns: tuple[str, ...]) -> tuple[Callable[[Mapping[str, Any]], tuple[Any, ...]], tuple[str, ...]]:
+    """For rows with these columns: what picks their values in order, and each column's kind."""
+    kinds = tuple(
+        "time" if name in _SQLITE_TIME_COLUMNS else "json" if name in _SQLITE_JSON_COLUMNS else "plain"
+        for name in columns
+    )
+    return operator.itemgetter(*columns), kinds
 
 
 async def sqlite_insert_rows(driver: Any, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -423,8 +425,24 @@ async def sqlite_insert_rows(driver: Any, rows: Sequence[Mapping[str, Any]]) -> 
     per-row parameter processing cost the event loop more than the insert costs SQLite.
     """
     columns = tuple(rows[0])
-    document = dumps([[_sqlite_stored(name, row[name]) for name in columns] for row in rows])
-    await driver.execute(_sqlite_insert_sql(columns), (document,))
+    pick, kinds = _sqlite_storage(columns)
+    # Jobs enqueued together mostly share their times (created, updated, due): each is written once.
+    texts: dict[datetime, str] = {}
+    document = []
+    for row in rows:
+        stored = []
+        for kind, value in zip(kinds, pick(row), strict=True):
+            if value is None or kind == "plain":
+                stored.append(value)
+            elif kind == "time":
+                text = texts.get(value)
+                if text is None:
+                    text = texts[value] = sqlite_text(value)
+                stored.append(text)
+            else:
+                stored.append(dumps(value))
+        document.append(stored)
+    await driver.execute(_sqlite_insert_sql(columns), (dumps(document),))
 
 
 def sqlite_job_row(row: Sequence[Any]) -> dict[str, Any]:
