@@ -18,13 +18,18 @@ class JobWatcher:
     """Wakes waiters when their job finishes.
 
     Jobs finished through this process's store (the embedded worker, cancels) wake waiters at
-    once; jobs finished elsewhere are found by a single batched query per ``interval``, however
-    many clients wait, so waiting clients never poll the database one by one.
+    once, and so do PostgreSQL's notifications of jobs finished elsewhere. Otherwise one batched
+    query for all waiting clients, however many, finds them: every ``interval``, and (SQLite on
+    Linux) soon after another process commits, at most once per ``spacing``. Waiting clients
+    never poll the database one by one.
     """
 
-    def __init__(self, store: Store, *, interval: float = 0.2) -> None:
+    def __init__(self, store: Store, *, interval: float = 0.2, spacing: float = 0.02) -> None:
         self._store = store
         self._interval = interval
+        self._spacing = spacing
+        self._changed = asyncio.Event()
+        self._watching_commits = False
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._background = Background(self._run, name="conveyor-job-watcher")
         self._released = False
@@ -56,6 +61,9 @@ class JobWatcher:
         """Return when the job finishes or ``timeout`` seconds pass, whichever is first."""
         if self._released:
             return
+        if not self._watching_commits:
+            self._watching_commits = True
+            self._store.on_commits(self._changed.set)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(future)
         try:
@@ -76,10 +84,14 @@ class JobWatcher:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._interval)
+            self._changed.clear()
             if not self._waiters:
                 continue
             try:
                 self._wake(await self._store.finished_among(list(self._waiters)))
             except ConveyorError as exc:
                 logger.warning("api.watch_failed", error=str(exc))
+            # A busy database commits hundreds of times a second; one query per pause answers them all.
+            await asyncio.sleep(self._spacing)

@@ -316,6 +316,7 @@ class SqlStore:
         self._finish_listeners: list[Callable[[set[str]], None]] = []
         self._listener: Any = None
         self._commit_watch: CommitWatch | None = None
+        self._commit_listeners: list[Callable[[], None]] = []
         self._reads = _SharedReads(self._read_jobs)
 
     @property
@@ -350,16 +351,30 @@ class SqlStore:
         self._listener.start()
 
     def _watch_commits(self) -> None:
-        """Wake on other processes' commits (SQLite), once, when a worker first waits for jobs.
+        """Learn of other processes' commits (SQLite), from when a worker or a long-poll first waits.
 
-        Only workers watch: a server without one would read an event for each of its own commits.
+        Not before: a server that nothing waits on would read an event for each of its own commits.
         """
         if self.dialect != "sqlite" or self._commit_watch is not None:
             return
         path = dialects.sqlite_path(self._engine.url)
         if path is not None:
-            self._commit_watch = CommitWatch(path, self._work_added.set)
+            self._commit_watch = CommitWatch(path, self._commit_seen)
             self._commit_watch.start()
+
+    def _commit_seen(self) -> None:
+        self._work_added.set()
+        for listener in self._commit_listeners:
+            listener()
+
+    def on_commits(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` soon after any process commits to the database (SQLite on Linux).
+
+        For who must find changes made elsewhere and has no NOTIFY to tell it (see
+        ``conveyor.storage.commits``); PostgreSQL never calls it.
+        """
+        self._commit_listeners.append(listener)
+        self._watch_commits()
 
     async def _notify(self, conn: AsyncConnection, channel: str, payloads: Sequence[str]) -> None:
         """Queue NOTIFYs in this transaction: PostgreSQL delivers them at commit, once."""
