@@ -19,9 +19,12 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linu
 @pytest.fixture
 def database(tmp_path: Path) -> Path:
     path = tmp_path / "jobs.db"
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("CREATE TABLE t (x INTEGER)")
+    finally:
+        db.close()
     return path
 
 
@@ -38,11 +41,14 @@ async def woken(database: Path) -> AsyncIterator[asyncio.Event]:
 
 
 def commit(database: Path) -> None:
-    # A connection of its own, as another process's would be; it stays open so the WAL is kept.
+    # A connection of its own, as another process's would be. Closing the last connection
+    # checkpoints the WAL and deletes it; the next commit creates it again.
     db = sqlite3.connect(database)
-    db.execute("PRAGMA journal_mode=WAL")
-    with db:
-        db.execute("INSERT INTO t VALUES (1)")
+    try:
+        with db:
+            db.execute("INSERT INTO t VALUES (1)")
+    finally:
+        db.close()
 
 
 async def test_a_commit_by_another_connection_wakes_the_watcher(database: Path, woken: asyncio.Event) -> None:
@@ -69,6 +75,27 @@ async def test_commits_close_together_wake_it_again_after_the_pause(database: Pa
     await asyncio.to_thread(commit, database)
 
     await asyncio.wait_for(woken.wait(), 5)
+
+
+async def test_writes_to_a_wal_created_again_after_its_deletion_wake_it(database: Path, woken: asyncio.Event) -> None:
+    await asyncio.to_thread(commit, database)  # and close: the last connection's close deletes the WAL
+    await asyncio.wait_for(woken.wait(), 5)
+    woken.clear()
+    assert not database.with_name("jobs.db-wal").exists()
+
+    db = sqlite3.connect(database, check_same_thread=False)
+    try:
+        for _ in range(3):  # the first creates the WAL again; the others write to the new file
+            await asyncio.to_thread(_insert, db)
+            await asyncio.wait_for(woken.wait(), 5)
+            woken.clear()
+    finally:
+        db.close()
+
+
+def _insert(db: sqlite3.Connection) -> None:
+    with db:
+        db.execute("INSERT INTO t VALUES (2)")
 
 
 async def test_a_commit_made_before_the_watch_is_in_place_is_looked_for_as_it_starts(database: Path) -> None:
