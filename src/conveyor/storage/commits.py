@@ -1,9 +1,9 @@
 """Other processes' commits to a SQLite database, seen as they happen (Linux: inotify).
 
 SQLite has no NOTIFY. In WAL mode every commit appends to ``<database>-wal``, so a watch on that
-file's directory learns of commits by any process within microseconds, where a worker that only
-polls finds them up to a poll interval late. Where inotify is missing (not Linux, or the
-system's watch limit is reached) nothing is watched and workers poll as before.
+file learns of commits by any process within microseconds, where a worker that only polls
+finds them up to a poll interval late. Where inotify is missing (not Linux, or the system's
+watch limit is reached) nothing is watched and workers poll as before.
 """
 
 from __future__ import annotations
