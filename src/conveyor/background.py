@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,9 +17,13 @@ class Background:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start the task, unless it is running already."""
+        """Start the task, unless it is running already.
+
+        In a context of its own: started lazily, from a request or a job, it would otherwise log
+        with that request's or job's bound values (its correlation id) for as long as it runs.
+        """
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=self._name)
+            self._task = asyncio.create_task(self._run(), name=self._name, context=contextvars.Context())
 
     async def stop(self) -> None:
         """Cancel the task and wait until it has cleaned up; raise what it failed with, if it did.

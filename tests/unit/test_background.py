@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 
 from conveyor.background import Background
 
@@ -72,3 +73,23 @@ async def test_stop_before_the_task_ever_ran_is_harmless() -> None:
     await background.stop()
 
     assert run.runs == 0
+
+
+async def test_the_task_runs_outside_the_context_of_whoever_started_it() -> None:
+    seen: list[object] = []
+    ran = asyncio.Event()
+
+    async def run() -> None:
+        seen.append(structlog.contextvars.get_contextvars().get("correlation_id"))
+        ran.set()
+
+    background = Background(run, name="contextless")
+    structlog.contextvars.bind_contextvars(correlation_id="the request that happened to start it")
+    try:
+        background.start()
+    finally:
+        structlog.contextvars.clear_contextvars()
+    await asyncio.wait_for(ran.wait(), 5)
+    await background.stop()
+
+    assert seen == [None]
