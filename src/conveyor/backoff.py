@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 _MAX_EXPONENT = 1_000
+
+# Jitter draws from a generator of its own, so retries never move the process-wide `random`
+# state that an application may have seeded (or a property-based test is drawing from). It is
+# reseeded in every forked child, as the module's own is: forked workers must not all draw the
+# same waits, which is the herd jitter exists to spread.
+_jitter = random.Random()  # noqa: S311 - jitter, not crypto
+os.register_at_fork(after_in_child=_jitter.seed)
 
 BackoffFunction = Callable[[int], float]
 """Takes the number of the attempt that just failed (1-based), returns seconds to wait."""
@@ -48,7 +56,7 @@ class Exponential:
 
     def __call__(self, attempt: int) -> float:
         cap = self.cap(attempt)
-        return random.uniform(0, cap) if self.jitter else cap  # noqa: S311 - jitter, not crypto
+        return _jitter.uniform(0, cap) if self.jitter else cap
 
 
 def constant(seconds: float) -> BackoffFunction:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -126,6 +127,17 @@ async def test_an_unexpected_error_is_a_500_envelope_with_the_correlation_id_and
     assert error["details"] is None
     for internal in ("hunter2", "db-primary", "RuntimeError", "Traceback", "explode"):
         assert internal not in response.text
+
+
+async def test_made_correlation_ids_differ_and_leave_the_process_wide_random_state_alone(idle_api: Api) -> None:
+    random.seed(7731)  # as an application seeding its own draws would
+    state = random.getstate()
+
+    made = [(await idle_api.client.get("/health")).headers["x-correlation-id"] for _ in range(3)]
+
+    assert random.getstate() == state
+    assert len(set(made)) == 3
+    assert all(len(given) == 32 for given in made)
 
 
 @pytest.mark.parametrize("given", ["has spaces", "x" * 129, "semi;colon", "quote'd"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import random
+
 import pytest
 
 from conveyor.backoff import DEFAULT_BACKOFF, Exponential, constant
@@ -82,3 +85,26 @@ def test_constant_waits_the_same_before_every_retry() -> None:
 def test_constant_refuses_a_negative_wait() -> None:
     with pytest.raises(ValueError, match="seconds must be >= 0, not -1"):
         constant(-1)
+
+
+def test_jitter_leaves_the_process_wide_random_state_alone() -> None:
+    random.seed(7731)  # as an application seeding its own draws would
+    state = random.getstate()
+
+    waits = [Exponential(base=1, maximum=1_000)(attempt) for attempt in range(1, 20)]
+
+    assert random.getstate() == state
+    assert len(set(waits)) > 1, "the waits are still jittered"
+
+
+def _jittered_waits() -> list[float]:
+    return [Exponential(base=1, maximum=1_000)(10) for _ in range(5)]
+
+
+def test_forked_worker_processes_draw_different_waits() -> None:
+    # Without a new seed in the child, both would go on from the same state: the same waits,
+    # the herd of retries that jitter exists to spread.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply(_jittered_waits)
+
+    assert child != _jittered_waits()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 
@@ -30,10 +31,17 @@ async def _send_error(send: Send, status: int, code: str, message: str, correlat
     await send({"type": "http.response.body", "body": body})
 
 
+# A generator of its own, so requests never move the process-wide `random` state that an
+# application may have seeded; reseeded in every forked child, as the module's own is, so forked
+# server processes do not make the same ids.
+_ids = random.Random()  # noqa: S311 - unique, not secret
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def _new_correlation_id() -> str:
     """32 random hex digits, as ``uuid4().hex`` but without a system call for entropy per request:
-    the id must be unique, not secret (``random`` is reseeded in every forked process)."""
-    return f"{random.getrandbits(128):032x}"
+    the id must be unique, not secret."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 class CorrelationMiddleware:
