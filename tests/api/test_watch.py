@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import pytest
-from tests.storage.test_store import ack_for, claim_one, insert, new
+from tests.storage.test_store import T0, ack_for, claim_one, insert, new
 
 from conveyor.api.watch import JobWatcher
 from conveyor.jobs import JobState
@@ -16,8 +15,6 @@ from conveyor.settings import Settings
 from conveyor.storage import Store, open_store
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
-
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
