@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from conveyor.jobs import Ack, AttemptRecord, Job, JobState, NewJob, Outcome
+from conveyor.jobs import Ack, AttemptRecord, Job, JobFilter, JobState, NewJob, Outcome
+from conveyor.limits import ClaimLimits
 from conveyor.settings import Settings
 from conveyor.storage import dialects, open_store
 from conveyor.storage import postgres as pg
@@ -30,7 +31,7 @@ from conveyor.storage.sql import SqlStore
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 JOBS = 2_000
 RUNNING = 500
-STATE_INDEXES = ("ix_conveyor_jobs_state_queue", "ix_conveyor_jobs_leases", "ix_conveyor_jobs_runnable")
+STATE_INDEXES = ("ix_conveyor_jobs_set_aside", "ix_conveyor_jobs_leases", "ix_conveyor_jobs_runnable")
 
 
 @pytest.fixture
@@ -87,17 +88,80 @@ async def test_sqlite_lookups_by_id_of_running_jobs_use_the_primary_key(
         assert not any(index in plan for index in STATE_INDEXES), f"{name}: {plan}"
 
 
-def _ack(job: Job) -> Ack:
-    record = AttemptRecord(attempt=1, worker="w", started_at=T0, ended_at=T0, outcome=Outcome.SUCCEEDED)
-    return Ack(job_id=job.id, lease_owner="w#1", state=JobState.SUCCEEDED, record=record)
+async def _dead_letters(store: SqlStore, claimed: list[Job]) -> Callable[[], Awaitable[Any]]:
+    """Three of the running jobs dead; the listing of the dead-letter queue, to be explained."""
+    await store.ack_jobs([_ack(job, JobState.DEAD) for job in claimed[:3]], now=T0)
+    dead = await store.list_jobs(JobFilter(states=(JobState.DEAD,)))
+    assert {job.id for job in dead.jobs} == {job.id for job in claimed[:3]}
+    return lambda: store.list_jobs(JobFilter(states=(JobState.DEAD,)))
 
 
-async def _captured(store: SqlStore, operation: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
-    """The operation's statement that names the jobs table by id, with its parameters."""
+# No index of every job's state exists (each change of state would write to it): a listing of
+# the jobs set aside reads the partial index of those, newest first, without sorting them.
+@pytest.mark.parametrize("backend_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+async def test_postgres_dead_letter_listing_reads_the_set_aside_index_in_order(
+    running: tuple[SqlStore, list[Job]],
+) -> None:
+    store, claimed = running
+    plan = await _postgres_plan(store, await _dead_letters(store, claimed))
+    assert "Index Scan Backward using ix_conveyor_jobs_set_aside" in plan, plan
+    assert "Sort" not in plan, plan
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_sqlite_dead_letter_listing_reads_the_set_aside_index_in_order(
+    running: tuple[SqlStore, list[Job]], backend_url: str
+) -> None:
+    store, claimed = running
+    plan = await _sqlite_plan(store, backend_url, await _dead_letters(store, claimed))
+    assert "USING INDEX ix_conveyor_jobs_set_aside" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+def _lease_readers(store: SqlStore) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
+    """What reads running jobs by state: the rescue of expired leases, a full queue's count of them."""
+    limits = ClaimLimits(queues={"default": 1})
+
+    def claim() -> Awaitable[Any]:
+        return store.fetch_jobs(queues=["default"], limit=1, lease_owner="w#2", lease_seconds=60, now=T0, limits=limits)
+
+    return {"rescue": (lambda: store.rescue_jobs(now=T0), "lease_expires_at <"), "queue room": (claim, "count(")}
+
+
+# With no index of every job's state, finding running jobs by state must take the index of leases
+# (whose predicate is the running state); a state sent as a parameter would leave it unusable.
+@pytest.mark.parametrize("backend_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+async def test_postgres_reads_of_running_jobs_by_state_use_the_lease_index(
+    running: tuple[SqlStore, list[Job]],
+) -> None:
+    store, _ = running
+    for name, (operation, marker) in _lease_readers(store).items():
+        plan = await _explain(store, *await _captured(store, operation, marker))
+        assert "ix_conveyor_jobs_leases" in plan, f"{name}:\n{plan}"
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
+async def test_sqlite_reads_of_running_jobs_by_state_use_the_lease_index(
+    running: tuple[SqlStore, list[Job]], backend_url: str
+) -> None:
+    store, _ = running
+    for name, (operation, marker) in _lease_readers(store).items():
+        plan = _sqlite_explained(backend_url, *await _captured(store, operation, marker))
+        assert "USING INDEX ix_conveyor_jobs_leases" in plan, f"{name}: {plan}"
+
+
+def _ack(job: Job, state: JobState = JobState.SUCCEEDED) -> Ack:
+    outcome = Outcome.SUCCEEDED if state is JobState.SUCCEEDED else Outcome.FAILED
+    record = AttemptRecord(attempt=1, worker="w", started_at=T0, ended_at=T0, outcome=outcome)
+    return Ack(job_id=job.id, lease_owner="w#1", state=state, record=record)
+
+
+async def _captured(store: SqlStore, operation: Callable[[], Awaitable[Any]], marker: str = "id") -> tuple[str, Any]:
+    """The operation's first statement on the jobs table that has ``marker`` in it, with its parameters."""
     statements: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool) -> None:
-        if "conveyor_jobs" in statement and "id" in statement:
+        if "conveyor_jobs" in statement and marker in statement:
             statements.append((statement, parameters[0] if executemany else parameters))
 
     engine = store._engine.sync_engine

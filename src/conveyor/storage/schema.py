@@ -16,7 +16,7 @@ from conveyor.jobs import FINISHED_STATES, RUNNABLE_STATES, JobState
 VERSION_TABLE = "conveyor_alembic_version"
 """Conveyor's own Alembic version table, so its migrations never meet the application's own Alembic."""
 
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 """The newest migration (``conveyor/migrations/versions``), whose schema these tables describe.
 
 A starting process that finds the database at this revision needs nothing from Alembic, whose
@@ -181,7 +181,20 @@ sa.Index(
     sqlite_where=jobs.c.finished_at.is_not(None),
     postgresql_where=jobs.c.finished_at.is_not(None),
 )
-sa.Index("ix_conveyor_jobs_state_queue", jobs.c.state, jobs.c.queue)
+# Jobs set aside from the way every job takes (queued, running, succeeded), newest first by state:
+# the dead-letter queue above all. An index of every job's state took a new entry at each change
+# of state, three per job, a seventh of the database's work per job on the way a job takes.
+# The predicate is ORed equalities: SQLite uses a partial index only for a query that states one of
+# its terms, and a listing of one state (``state IN ('dead')``, which SQLite reads as ``=``) does.
+SET_ASIDE_STATES = (JobState.DEAD, JobState.CANCELLED, JobState.WAITING)
+_set_aside = sa.or_(*(jobs.c.state == state.value for state in SET_ASIDE_STATES))
+sa.Index(
+    "ix_conveyor_jobs_set_aside",
+    jobs.c.state,
+    jobs.c.id,
+    sqlite_where=_set_aside,
+    postgresql_where=_set_aside,
+)
 # One unfinished job per unique key: a second enqueue while the first has not finished gets it back.
 _unfinished = [state.value for state in JobState if state not in FINISHED_STATES]
 sa.Index(
