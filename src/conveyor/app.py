@@ -277,19 +277,22 @@ class Conveyor:
         run_at = options.run_at
         if delay:
             run_at = self.clock() + timedelta(seconds=delay)
+        # Positional, in NewJob's field order: by keyword, `task.job()` took 3.5 µs instead of 2.3.
         return NewJob(
-            task=task.name,
-            args=json_args,
-            kwargs=json_kwargs,
-            queue=options.queue or task.options.queue,
-            priority=options.priority if options.priority is not None else task.options.priority,
-            max_attempts=options.max_attempts or task.options.max_attempts or self.settings.max_attempts,
-            run_at=run_at,
-            timeout_seconds=timeout if timeout is not None else task.options.timeout,
-            idempotency_key=options.idempotency_key,
-            unique_key=unique_key,
+            task.name,
+            json_args,
+            json_kwargs,
+            options.queue or task.options.queue,
+            options.priority if options.priority is not None else task.options.priority,
+            options.max_attempts or task.options.max_attempts or self.settings.max_attempts,
+            run_at,
+            timeout if timeout is not None else task.options.timeout,
+            options.idempotency_key,
+            None,  # request_digest: set by the HTTP API, which has the request
+            unique_key,
+            None,  # trace_context: set by the enqueue, inside its span
             # A job enqueued while handling a request, or by another job, carries its correlation id.
-            correlation_id=options.correlation_id or current_correlation_id(),
+            options.correlation_id or current_correlation_id(),
         )
 
     async def enqueue_new(self, new: NewJob, *, connection: Any = None) -> Job:
@@ -369,8 +372,8 @@ class Conveyor:
         return await self._enqueue(list(jobs), connection=connection, grouped=False)
 
     async def _enqueue(self, batch: list[NewJob], *, connection: Any, grouped: bool) -> list[Job]:
-        for new in batch:
-            self.get_task(new.task)
+        for name in dict.fromkeys(new.task for new in batch):  # each task once, the first unknown one named
+            self.get_task(name)
         store = await self.store()
         with _producer_span("enqueue", len(batch)):
             carrier = tracing.current_context_carrier()
