@@ -109,6 +109,13 @@ async def open_store(settings: Settings) -> Store:
         acquire_timeout=settings.pool_timeout_seconds,
         connect_args=dialects.postgres_connect_args(settings),
     )
+    try:
+        # Now rather than on first use: a connection takes about 4 ms to open, as long as the
+        # server takes to store 600 jobs of a bulk enqueue, and the first enqueue or claim waited for it.
+        await driver.open()
+    except BaseException:
+        await engine.dispose()
+        raise
     return SqlStore(engine, driver)
 
 
