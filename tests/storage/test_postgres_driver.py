@@ -112,12 +112,16 @@ async def test_a_claims_unflushed_commit_stays_with_the_claim(store: Store, post
     assert after == "on"
 
 
-async def test_a_bulk_insert_cancelled_midway_stores_all_of_its_jobs_or_none(store: Store) -> None:
+@pytest.mark.parametrize("turns", [1, 3, 10, 30])
+async def test_a_bulk_insert_cancelled_midway_stores_all_of_its_jobs_or_none(store: Store, turns: int) -> None:
+    # Cancelled after that many turns of the loop: while BEGIN is out, while a part is built or
+    # stored, or later.
     batch = [NewJob(task="task", args=[n], kwargs={}) for n in range(500)]
     inserting = asyncio.ensure_future(store.insert_jobs(batch, now=T0))
-    for _ in range(3):
-        await asyncio.sleep(0)  # into the COPY, while the returned jobs are being built
-    assert not inserting.done()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    if inserting.done():
+        pytest.skip(f"the insert finished within {turns} turns of the loop")
 
     inserting.cancel()
     with pytest.raises(asyncio.CancelledError):

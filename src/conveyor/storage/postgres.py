@@ -455,11 +455,12 @@ async def _insert_parts(connection: Any, parts: AsyncGenerator[Sequence[Job]], i
                 "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", JOBS_CHANNEL, sorted(queues)
             )
     except BaseException:
-        for step in {beginning, inserting}:
-            if not step.done():
-                step.cancel()
+        # An insert still out is cancelled; BEGIN, one round trip, is let finish so that the
+        # transaction it opened is rolled back here rather than left to the pool.
+        if inserting is not beginning and not inserting.done():
+            inserting.cancel()
         await asyncio.gather(beginning, inserting, return_exceptions=True)
-        if beginning.done() and not beginning.cancelled() and beginning.exception() is None:
+        if not beginning.cancelled() and beginning.exception() is None:
             await transaction.rollback()
         raise
     await transaction.commit()
