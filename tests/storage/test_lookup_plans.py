@@ -128,8 +128,8 @@ def _lease_readers(store: SqlStore) -> dict[str, tuple[Callable[[], Awaitable[An
     return {"rescue": (lambda: store.rescue_jobs(now=T0), "lease_expires_at <"), "queue room": (claim, "count(")}
 
 
-# With no index of every job's state, finding running jobs by state must take the index of leases
-# (whose predicate is the running state); a state sent as a parameter would leave it unusable.
+# With no index of every job's state, the reads of running jobs by state must take the index of
+# leases (whose predicate is the running state) rather than read the whole table.
 @pytest.mark.parametrize("backend_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 async def test_postgres_reads_of_running_jobs_by_state_use_the_lease_index(
     running: tuple[SqlStore, list[Job]],

@@ -146,7 +146,8 @@ async def test_a_bulk_insert_asks_the_server_about_no_type(
         return await introspect(self, typeoids, timeout)
 
     monkeypatch.setattr(asyncpg.Connection, "_introspect_types", recording)
-    # Every column varies, so every array is sent; the store's connection is new to this statement.
+    # Priority, attempts, due time and timeout vary, so their arrays are sent; the store's
+    # connection has not sent this statement before.
     batch = [
         NewJob(task="task", args=[n], kwargs={}, priority=n, max_attempts=1 + n, run_at=T0, timeout_seconds=0.5 + n)
         for n in range(100)

@@ -110,8 +110,7 @@ async def open_store(settings: Settings) -> Store:
         connect_args=dialects.postgres_connect_args(settings),
     )
     try:
-        # Now rather than on first use: a connection takes about 4 ms to open, as long as the
-        # server takes to store 600 jobs of a bulk enqueue, and the first enqueue or claim waited for it.
+        # Now rather than on first use, where the first enqueue or claim waited about 4 ms for it.
         await driver.open()
     except BaseException:
         await engine.dispose()

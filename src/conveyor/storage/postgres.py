@@ -387,7 +387,7 @@ _BULK_UNNEST_SQL = _bulk_unnest_sql()
 
 
 def _as_text(value: Any) -> str:
-    """A number or an aware datetime as PostgreSQL reads it back (ISO 8601 keeps the offset)."""
+    """A number or an aware datetime as text that PostgreSQL casts back to the same value."""
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 

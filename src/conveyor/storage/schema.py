@@ -183,9 +183,9 @@ sa.Index(
 )
 # Jobs set aside from the way every job takes (queued, running, succeeded), newest first by state:
 # the dead-letter queue above all. An index of every job's state took a new entry at each change
-# of state, three per job, a seventh of the database's work per job on the way a job takes.
+# of state, three per job: 12 % of the WAL of a job's claim and outcome on PostgreSQL.
 # The predicate is ORed equalities: SQLite uses a partial index only for a query that states one of
-# its terms, and a listing of one state (``state IN ('dead')``, which SQLite reads as ``=``) does.
+# its terms, as a listing of one state does (``state = 'dead'``; see ``SqlStore.list_jobs``).
 SET_ASIDE_STATES = (JobState.DEAD, JobState.CANCELLED, JobState.WAITING)
 _set_aside = sa.or_(*(jobs.c.state == state.value for state in SET_ASIDE_STATES))
 sa.Index(

@@ -1,10 +1,11 @@
 """An index of the jobs set aside (dead, cancelled, waiting) in place of one of every job's state.
 
 The index on (state, queue) took a new entry each time a job changed state: when it was
-enqueued, claimed and finished. On PostgreSQL that was about a seventh of the server's work
-per job. Claims, leases and the pruner have indexes of their own; what the old index still
-served was listing jobs by a state that few of them are in, the dead-letter queue above all,
-and this partial index serves that without an entry for a job that runs and succeeds.
+enqueued, claimed and finished. On PostgreSQL its entries were 12 % of the WAL that a job's
+claim and outcome write, and about 8 % of the server's CPU per job in drains. Claims, leases
+and the pruner have indexes of their own; what the old index still served was listing jobs by
+a state that few of them are in, the dead-letter queue above all, and this partial index
+serves that without an entry for a job that runs and succeeds.
 
 Revision ID: 0010
 Revises: 0009
