@@ -41,7 +41,7 @@ register(app)
 
 class ConveyorSystem(System):
     distribution = "conveyor"
-    defaults: ClassVar[Mapping[str, Any]] = {"processes": 1, "concurrency": 100}
+    defaults: ClassVar[Mapping[str, Any]] = {"processes": 1, "concurrency": 100, "claim_batch": 100}
 
     def __init__(self, env: Env, **options: Any) -> None:
         super().__init__(env, **options)
@@ -55,8 +55,9 @@ class ConveyorSystem(System):
     def configuration(self) -> dict[str, str]:
         return {
             "general": f"{self.options['processes']} worker process(es) x concurrency {self.options['concurrency']} "
-            "(claims up to its free slots plus prefetch, at most claim_batch_size=100 at a time; "
-            "prefetch default = min(concurrency, 100)), "
+            "(claims up to its free slots plus prefetch, at most "
+            f"claim_batch_size={self.options['claim_batch']} at a time; "
+            "prefetch default = min(concurrency, claim_batch_size)), "
             f"async task; bulk enqueue with app.enqueue_many, {BULK_CHUNK} jobs a call; single enqueue with "
             "task.enqueue()",
             "io": "1 worker process x concurrency 100, async task (asyncio.sleep)",
@@ -100,5 +101,9 @@ class ConveyorSystem(System):
         argv = python_module(
             "conveyor", "worker", "--app", "benchmarks.systems.conveyor_common:app", "--concurrency", str(slots)
         )
-        env = {"CONVEYOR_DATABASE_URL": self.database_url, "CONVEYOR_LOG_LEVEL": "WARNING"}
+        env = {
+            "CONVEYOR_DATABASE_URL": self.database_url,
+            "CONVEYOR_LOG_LEVEL": "WARNING",
+            "CONVEYOR_CLAIM_BATCH_SIZE": str(self.options["claim_batch"]),
+        }
         return WorkerSpec(argv, env, processes)

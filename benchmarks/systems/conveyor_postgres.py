@@ -19,7 +19,7 @@ from benchmarks.systems.conveyor_common import ConveyorSystem
 class ConveyorPostgres(ConveyorSystem, PostgresSystem):
     name = "conveyor_postgres"
     label = "Conveyor (PostgreSQL)"
-    defaults: ClassVar[Mapping[str, Any]] = {"processes": 2, "concurrency": 100}
+    defaults: ClassVar[Mapping[str, Any]] = {"processes": 2, "concurrency": 100, "claim_batch": 100}
 
     @property
     def database_url(self) -> str:

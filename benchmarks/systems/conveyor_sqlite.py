@@ -22,7 +22,7 @@ class ConveyorSqlite(ConveyorSystem):
     name = "conveyor_sqlite"
     label = "Conveyor (SQLite)"
     storage = "sqlite"
-    defaults: ClassVar[Mapping[str, Any]] = {"processes": 1, "concurrency": 100}
+    defaults: ClassVar[Mapping[str, Any]] = {"processes": 1, "concurrency": 100, "claim_batch": 100}
 
     def __init__(self, env: Env, **options: Any) -> None:
         super().__init__(env, **options)
