@@ -1,11 +1,12 @@
 """W4: the HTTP API against the floor of the same stack, with wrk on loopback.
 
-    uv run python -m benchmarks.http [--seconds 10] [--connections 50]
+    uv run python -m benchmarks.http [--seconds 10] [--connections 50] [--runs 3]
 
 Measures `POST /jobs` and `GET /jobs/{id}` requests/s on `conveyor serve --no-worker` (SQLite and
 PostgreSQL), and the same two routes on a bare FastAPI app (pydantic in, pydantic out, no
-database) served by the same uvicorn settings: one process, no access log. Needs `wrk`
-(Debian: apt-get install wrk).
+database) served by the same uvicorn settings: one process, no access log. Each run measures the
+three servers back to back, and each ratio is taken within its run; the figures are the runs'
+medians with their min and max. Needs `wrk` (Debian: apt-get install wrk).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import asyncpg
 import httpx
+
+from benchmarks.systems.base import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,52 +94,72 @@ async def _measure(
     return {"post_per_s": round(posts, 1), "get_per_s": round(gets, 1)}
 
 
+async def _one_run(options: argparse.Namespace, base_env: dict[str, str], work: Path, run: int) -> dict[str, Any]:
+    """The bare app, then Conveyor on SQLite and on PostgreSQL (each on a fresh database), back to back."""
+    bare = [sys.executable, "-m", "uvicorn", "benchmarks.bare_api:app", "--no-access-log", "--log-level", "warning"]
+    figures = {"bare_fastapi": await _measure(bare, base_env, options.seconds, options.connections, work)}
+    serve = [
+        sys.executable,
+        "-m",
+        "conveyor",
+        "serve",
+        "--app",
+        "benchmarks.tasks:app",
+        "--no-worker",
+        "--no-access-log",
+    ]
+    sqlite_env = {**base_env, "CONVEYOR_DATABASE_URL": f"sqlite:///{work / f'http-{run}.db'}"}
+    figures["conveyor_sqlite"] = await _measure(serve, sqlite_env, options.seconds, options.connections, work)
+    name = f"conveyor_http_{os.getpid()}_{run}"
+    connection = await asyncpg.connect(SERVER)
+    await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await connection.execute(f'CREATE DATABASE "{name}"')
+    pg_env = {
+        **base_env,
+        "CONVEYOR_DATABASE_URL": SERVER.rsplit("/", 1)[0] + f"/{name}",
+        "CONVEYOR_AUTO_MIGRATE": "true",
+    }
+    try:
+        figures["conveyor_postgresql"] = await _measure(serve, pg_env, options.seconds, options.connections, work)
+    finally:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.close()
+    # Each ratio within its own run: the bare app measured a minute before, not runs apart.
+    floor = figures["bare_fastapi"]
+    for key in ("conveyor_sqlite", "conveyor_postgresql"):
+        figures[key]["post_vs_bare"] = round(figures[key]["post_per_s"] / floor["post_per_s"], 3)
+        figures[key]["get_vs_bare"] = round(figures[key]["get_per_s"] / floor["get_per_s"], 3)
+    return figures
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=3, help="runs of all three servers; figures are medians")
     options = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
     base_env = {**os.environ, "PYTHONPATH": str(ROOT), "CONVEYOR_LOG_LEVEL": "WARNING"}
-    results: dict[str, Any] = {"benchmark": "W4 HTTP", "seconds": options.seconds, "connections": options.connections}
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        bare = [sys.executable, "-m", "uvicorn", "benchmarks.bare_api:app", "--no-access-log", "--log-level", "warning"]
-        results["bare_fastapi"] = await _measure(bare, base_env, options.seconds, options.connections, work)
-        serve = [
-            sys.executable,
-            "-m",
-            "conveyor",
-            "serve",
-            "--app",
-            "benchmarks.tasks:app",
-            "--no-worker",
-            "--no-access-log",
-        ]
-        sqlite_env = {**base_env, "CONVEYOR_DATABASE_URL": f"sqlite:///{work / 'http.db'}"}
-        results["conveyor_sqlite"] = await _measure(serve, sqlite_env, options.seconds, options.connections, work)
-        name = f"conveyor_http_{os.getpid()}"
-        connection = await asyncpg.connect(SERVER)
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await connection.execute(f'CREATE DATABASE "{name}"')
-        pg_env = {
-            **base_env,
-            "CONVEYOR_DATABASE_URL": SERVER.rsplit("/", 1)[0] + f"/{name}",
-            "CONVEYOR_AUTO_MIGRATE": "true",
-        }
-        try:
-            results["conveyor_postgresql"] = await _measure(serve, pg_env, options.seconds, options.connections, work)
-        finally:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await connection.close()
-    floor = results["bare_fastapi"]
-    for key in ("conveyor_sqlite", "conveyor_postgresql"):
-        results[key]["post_vs_bare"] = round(results[key]["post_per_s"] / floor["post_per_s"], 3)
-        results[key]["get_vs_bare"] = round(results[key]["get_per_s"] / floor["get_per_s"], 3)
+        for run in range(1, options.runs + 1):
+            runs.append(await _one_run(options, base_env, Path(folder), run))
+            print(f"[run {run}/{options.runs}] {json.dumps(runs[-1])}", flush=True)
+    results: dict[str, Any] = {
+        "benchmark": "W4 HTTP",
+        "seconds": options.seconds,
+        "connections": options.connections,
+        # Median (min, max) of the runs, per server and figure.
+        "summary": {
+            server: {metric: summarize([run[server][metric] for run in runs]) for metric in runs[0][server]}
+            for server in runs[0]
+        },
+        "runs": runs,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "http.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results["summary"], indent=2))
 
 
 if __name__ == "__main__":
