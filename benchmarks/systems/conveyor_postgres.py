@@ -3,7 +3,7 @@
 General setup (W1, W2): 2 worker processes (one per core) x concurrency 1,000; claims take
 ``min(free slots, claim_batch_size=1000)`` jobs; other settings default. Tuned on W1 with
 10,000 jobs, six runs each (medians): concurrency and claim batch 100 ran about 22,000 jobs/s,
-500 about 27,000, 1,000 about 29,000, concurrency 2,000 with batch 1,000 about 24,000 (an
+500 about 27,000, 1,000 about 29,000, concurrency 2,000 with batch 1,000 about 25,000 (an
 earlier tuning, of code many times slower, had 2 processes beat 1 and 4). W5 runs W1 with 1,
 2 and 4 processes. I/O setup (W3): 1 process x concurrency 100.
 """
