@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import operator
@@ -41,9 +42,12 @@ def dumps(value: Any) -> str:
 
 
 def _json_default(value: Any) -> Any:
-    # What orjson writes natively and the standard library does not.
+    # What orjson writes natively and the standard library does not: datetimes as ISO text, and
+    # dataclass instances as objects of their fields (enums, being str subclasses, need nothing).
     if isinstance(value, datetime):
         return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
