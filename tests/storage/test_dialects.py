@@ -1,12 +1,14 @@
-"""Hand-written SQLite SQL stores values exactly as the schema's column types would."""
+"""Hand-written SQL stores values exactly as the schema's column types and the models would."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 from sqlalchemy.dialects import sqlite
 
+from conveyor.jobs import AttemptRecord, JobError, Outcome
 from conveyor.storage import dialects
 from conveyor.storage.schema import jobs
 
@@ -25,3 +27,22 @@ def test_a_time_in_hand_written_sql_is_the_text_the_column_type_stores(value: da
     assert store is not None
 
     assert dialects.sqlite_text(value) == store(value)
+
+
+_ERROR = JobError("ValueError", "boom", "Traceback (most recent call last): ...")
+RECORDS = [
+    AttemptRecord(1, "host:1:abc", TIMES[0], TIMES[0] + timedelta(seconds=1), Outcome.SUCCEEDED),
+    AttemptRecord(2, None, None, TIMES[1], Outcome.FAILED, _ERROR),
+    AttemptRecord(3, "host:1:abc", TIMES[2], TIMES[2], Outcome.RELEASED),
+    _ERROR,
+    JobError("TimeoutError", "late"),
+]
+
+
+@pytest.mark.parametrize("value", RECORDS, ids=repr)
+def test_an_ack_writes_records_and_errors_as_their_to_json(value: AttemptRecord | JobError) -> None:
+    # The ack statements hand the dataclasses to dumps as they are (SqlStore._ack_batch); what
+    # lands in the history must be what to_json builds and from_json reads back.
+    assert orjson.loads(dialects.dumps(value)) == value.to_json()
+    # With an integer over 64 bits in the batch (a result), the standard library writes it all.
+    assert orjson.loads(dialects.dumps([value, 2**70]).replace(str(2**70), "0")) == [value.to_json(), 0]
