@@ -113,8 +113,8 @@ class WorkerGroup:
             "PYTHONUNBUFFERED": "1",
             # Workers start as deployed code does, from compiled bytecode: where the environment
             # forbids writing it (PYTHONDONTWRITEBYTECODE), every start compiled each module it
-            # imports from source, about 1 s of a Conveyor worker's 1.9 s start-up here. The cache goes to
-            # the run's scratch directory, so the checkout and the virtualenv stay as they were.
+            # imports from source, about 1 s of a Conveyor worker's 1.9 s start-up here. The
+            # cache goes to the run's scratch directory; the checkout and virtualenv stay as they were.
             "PYTHONPYCACHEPREFIX": str(self.log_prefix.parent / "pycache"),
             "BENCH_SINK": str(self.sink.path),
             **self.spec.env,
