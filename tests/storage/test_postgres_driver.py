@@ -4,6 +4,7 @@ asyncpg's own pool: these tests hold that path to the same promises as the rest 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -177,3 +178,140 @@ async def test_the_store_opens_its_driver_connection_as_it_opens(postgres_databa
     finally:
         await opened.close()
     assert sessions == 2
+
+
+# -- the driver's pool --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pool(postgres_database: str) -> AsyncIterator[pg.DriverPool]:
+    opened = pg.DriverPool(postgres_database, max_size=2, acquire_timeout=10, connect_args={})
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def _backend(pool: pg.DriverPool) -> int:
+    async with pool.connection() as connection:
+        return await connection.fetchval("SELECT pg_backend_pid()")
+
+
+async def _alive(url: str, pids: set[int]) -> set[int]:
+    admin = await asyncpg.connect(url)
+    try:
+        rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])", list(pids))
+    finally:
+        await admin.close()
+    return {row["pid"] for row in rows}
+
+
+async def test_the_pool_reuses_one_connection_for_statements_one_after_another(pool: pg.DriverPool) -> None:
+    assert len({await _backend(pool) for _ in range(5)}) == 1
+
+
+async def test_a_caller_beyond_the_pools_size_waits_for_a_connection_to_come_back(pool: pg.DriverPool) -> None:
+    held = [pool.connection() for _ in range(2)]
+    first, second = [await hold.__aenter__() for hold in held]
+    third = asyncio.ensure_future(_backend(pool))
+    await asyncio.sleep(0.05)
+    assert not third.done(), "the pool opened a third connection"
+
+    second_pid = await second.fetchval("SELECT pg_backend_pid()")
+    await held[1].__aexit__(None, None, None)
+    assert await third == second_pid
+    await held[0].__aexit__(None, None, None)
+    assert first.is_closed() is False
+
+
+async def test_a_caller_waits_no_longer_than_the_acquire_timeout(postgres_database: str) -> None:
+    pool = pg.DriverPool(postgres_database, max_size=1, acquire_timeout=0.05, connect_args={})
+    try:
+        async with pool.connection():
+            with pytest.raises(TimeoutError):
+                await _backend(pool)
+        assert await _backend(pool) > 0, "the timed-out caller left the pool as it was"
+    finally:
+        await pool.close()
+
+
+async def test_a_server_error_leaves_the_connection_in_use(pool: pg.DriverPool) -> None:
+    before = await _backend(pool)
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        async with pool.connection() as connection:
+            await connection.fetchval("SELECT 1 / 0")
+    assert await _backend(pool) == before
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "left_in_a_transaction", "python_error"])
+async def test_a_connection_that_may_not_be_ready_is_closed_and_replaced(
+    pool: pg.DriverPool, postgres_database: str, ending: str
+) -> None:
+    before = await _backend(pool)
+
+    async def use() -> None:
+        async with pool.connection() as connection:
+            if ending == "cancelled":
+                await connection.fetchval("SELECT pg_sleep(0.2)")
+            elif ending == "left_in_a_transaction":
+                await connection.execute("BEGIN")
+            else:
+                raise LookupError(ending)
+
+    using = asyncio.ensure_future(use())
+    if ending == "cancelled":
+        await asyncio.sleep(0.05)
+        using.cancel()
+    with contextlib.suppress(asyncio.CancelledError, LookupError):
+        await using
+
+    after = await _backend(pool)
+    assert after != before
+    for _ in range(100):
+        if not await _alive(postgres_database, {before}):
+            break
+        await asyncio.sleep(0.01)
+    assert not await _alive(postgres_database, {before}), "the old session ended with its transaction"
+
+
+async def test_a_caller_waiting_when_a_connection_is_closed_opens_another(pool: pg.DriverPool) -> None:
+    held = [pool.connection() for _ in range(2)]
+    for hold in held:
+        await hold.__aenter__()
+    waiting = asyncio.ensure_future(_backend(pool))
+    await asyncio.sleep(0.05)
+
+    await held[0].__aexit__(LookupError, LookupError("failed"), None)
+
+    assert await waiting > 0
+    await held[1].__aexit__(None, None, None)
+
+
+async def test_idle_connections_beyond_one_close_once_they_have_been_idle_long(
+    pool: pg.DriverPool, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def both() -> set[int]:
+        async with pool.connection() as a, pool.connection() as b:
+            return {await a.fetchval("SELECT pg_backend_pid()"), await b.fetchval("SELECT pg_backend_pid()")}
+
+    pids = await both()
+    assert len(pids) == 2
+    monkeypatch.setattr(pg, "_IDLE_LIFETIME_SECONDS", 0.0)
+    await _backend(pool)
+
+    for _ in range(100):
+        if len(await _alive(postgres_database, pids)) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert len(await _alive(postgres_database, pids)) == 1
+    assert await _backend(pool) in pids
+
+
+async def test_a_closed_pool_refuses_callers_and_closes_what_comes_back(pool: pg.DriverPool) -> None:
+    holding = pool.connection()
+    held = await holding.__aenter__()
+    await pool.close()
+
+    with pytest.raises(asyncpg.InterfaceError):
+        await _backend(pool)
+    await holding.__aexit__(None, None, None)
+    assert held.is_closed()
