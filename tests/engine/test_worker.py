@@ -11,7 +11,18 @@ import pytest
 from tests.engine.conftest import lingering_task, running_worker
 from tests.support import tasks as support
 
-from conveyor import CONTEXT, Conveyor, Exponential, JobContext, JobState, Outcome, PermanentError, Worker, constant
+from conveyor import (
+    CONTEXT,
+    Conveyor,
+    Exponential,
+    JobContext,
+    JobState,
+    Outcome,
+    PermanentError,
+    Worker,
+    chain,
+    constant,
+)
 from conveyor.jobs import NewJob
 from conveyor.testing import drain
 
@@ -282,6 +293,81 @@ async def test_an_idle_worker_is_woken_by_an_enqueue_in_the_same_process(databas
             await asyncio.wait_for(started.wait(), 10)
     finally:
         await app.close()
+
+
+async def test_a_worker_that_took_every_due_job_asks_again_only_on_news(
+    postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL only: SQLite tells a worker of every commit to the file, its own acks included.
+    # Jobs come from another app, as from an API process: the worker hears of each by its NOTIFY.
+    app, client = (Conveyor(database_url=postgres_database, poll_interval_seconds=60) for _ in range(2))
+    store = await app.store()
+    spy = _ClaimSpy(store.fetch_jobs)
+    monkeypatch.setattr(store, "fetch_jobs", spy)
+
+    for each in (app, client):
+
+        @each.task
+        async def ping() -> None:
+            pass
+
+    try:
+        async with running_worker(app) as worker:
+            claims = []
+            # The first round is the warm-up: a starting worker also looks once it is listening.
+            for round_ in range(1, 5):
+                before = spy.calls
+                job = await client.get_task("ping").enqueue()
+                await client.wait_for_job(job.id, timeout=10, poll=0.005)
+                while worker.stats.acked < round_:
+                    await asyncio.sleep(0.005)
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                claims.append(spy.calls - before)
+    finally:
+        await app.close()
+        await client.close()
+
+    # One claim per enqueue's wake-up: none after the job was started, none after its ack.
+    assert claims[1:] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("step", ["retry", "workflow"])
+async def test_a_job_made_due_by_the_workers_own_ack_runs_without_waiting_for_the_poll(
+    database_url: str, step: str
+) -> None:
+    app = Conveyor(database_url=database_url, poll_interval_seconds=60)
+    ran: list[str] = []
+    done = asyncio.Event()
+
+    @app.task(max_attempts=2, backoff=constant(0))
+    async def first() -> str:
+        if step == "retry" and not ran:
+            ran.append("failed")
+            raise RuntimeError("once")
+        ran.append("first")
+        if step == "retry":
+            done.set()
+        return "first"
+
+    @app.task
+    async def second(previous: str) -> None:
+        ran.append(f"second after {previous}")
+        done.set()
+
+    try:
+        async with running_worker(app):
+            await asyncio.sleep(0)
+            if step == "retry":
+                await first.enqueue()
+            else:
+                await app.enqueue_workflow(chain(first.step(), second.step()))
+            # Far below the 60 s poll: only the ack's news can have started the next attempt.
+            await asyncio.wait_for(done.wait(), 10)
+    finally:
+        await app.close()
+
+    assert ran == (["failed", "first"] if step == "retry" else ["first", "second after first"])
 
 
 async def test_a_delayed_job_waits_for_its_time(app: Conveyor) -> None:

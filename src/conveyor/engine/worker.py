@@ -37,7 +37,7 @@ from conveyor.engine.executor import Executor
 from conveyor.engine.scheduler import Scheduler
 from conveyor.errors import ConveyorError
 from conveyor.events import EventName, Events, JobEvent, log_event
-from conveyor.jobs import Ack, Job, new_job_id
+from conveyor.jobs import Ack, Job, JobState, new_job_id
 from conveyor.limits import ClaimLimits
 from conveyor.log import configure_logging
 
@@ -50,6 +50,8 @@ logger = structlog.get_logger("conveyor.worker")
 _ACK_COALESCE_SECONDS = 0.002
 _CLAIM_COALESCE_SECONDS = 0.002
 _CLAIMS_IN_FLIGHT = 2
+# Acks that leave their job to run again: a retry, or a hand-back.
+_REQUEUED = frozenset({JobState.RETRYING, JobState.QUEUED})
 
 
 @dataclass(slots=True)
@@ -122,6 +124,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._immediate = asyncio.Event()
         self._changed: asyncio.Event | None = None
+        # Set when jobs may have become due that no notification announces (see `_wait_for_work`).
+        self._news: asyncio.Event | None = None
+        self._draining = False
         self._limits: ClaimLimits | None = None
         self._ack_ready: asyncio.Event | None = None
         self._acks_in_flight = 0
@@ -139,11 +144,13 @@ class Worker:
         if self._stopping.is_set() or immediate:
             self._immediate.set()
         self._stopping.set()
-        self._wake()
+        self._wake(news=True)
 
-    def _wake(self) -> None:
+    def _wake(self, *, news: bool = False) -> None:
         if self._changed is not None:
             self._changed.set()
+        if news and self._news is not None:
+            self._news.set()
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -154,7 +161,8 @@ class Worker:
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
-        self._changed, self._ack_ready = asyncio.Event(), asyncio.Event()
+        self._changed, self._news, self._ack_ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._draining = drain
         self._event_loop = asyncio.get_running_loop()
         if not structlog.is_configured():
             # An embedded worker whose application set up no logging still logs through stdlib
@@ -299,7 +307,10 @@ class Worker:
                     # Let the jobs just started take their first step before the next claim's own
                     # Python runs: an idle worker's one job starts a claim's worth sooner.
                     await asyncio.sleep(0)
-                    continue
+                    if flowing or claims:
+                        continue
+                    # A short claim took every due job: the next waits for news of more, where
+                    # asking again at once would find none, a statement for nothing per wake-up.
                 if claims:
                     continue
                 # An ack that landed while the claim ran may have queued more (a workflow's next step).
@@ -400,7 +411,8 @@ class Worker:
             self._active -= 1
             self._launch_prefetched(executor)
             self._ack_ready.set()
-            self._wake()
+            # A free slot is news only under a limit, which may have held due jobs back for it.
+            self._wake(news=self._limits is not None)
 
     async def _wait_for_change(self, timeout: float | None) -> None:
         assert self._changed is not None
@@ -409,11 +421,17 @@ class Worker:
         self._changed.clear()
 
     async def _wait_for_work(self, store: Store) -> None:
-        """Sleep until jobs may be due: a local enqueue, a finished job, the poll interval, or stop."""
+        """Sleep until jobs may be due, or the poll interval has passed.
+
+        Jobs become due by an enqueue anywhere (which the store hears of) or by what this worker
+        writes: an ack that queues a retry, hands a job back or moves a workflow on. A job that
+        merely finished is news only under a limit, or to a drain that may now be over.
+        """
         assert self._changed is not None
+        assert self._news is not None
         waits = [
             asyncio.ensure_future(store.wait_for_jobs(self.settings.poll_interval)),
-            asyncio.ensure_future(self._changed.wait()),
+            asyncio.ensure_future(self._news.wait()),
         ]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -421,6 +439,7 @@ class Worker:
             for waiting in waits:
                 waiting.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+        self._news.clear()
         self._changed.clear()
 
     async def _finish_running(self) -> None:
@@ -483,11 +502,13 @@ class Worker:
                 self._acks_in_flight = 0
             self._ack_rounds += 1
             self.stats.acked += len(applied)
+            news = self._draining or self._limits is not None
             for ack in batch:
                 self.stats.by_outcome[ack.state.value] = self.stats.by_outcome.get(ack.state.value, 0) + 1
                 if ack.job_id not in applied:
                     logger.warning("worker.ack_fenced", job_id=ack.job_id, state=ack.state.value)
-            self._wake()
+                news = news or ack.state in _REQUEUED or ack.workflow_id is not None
+            self._wake(news=news)
 
     async def _loop(
         self, name: str, interval: float, step: Callable[[Store], Coroutine[Any, Any, None]], store: Store
