@@ -1,5 +1,6 @@
 """PostgreSQL's per-job statements (enqueue, claim, ack, read) go straight to the driver, on
-asyncpg's own pool: these tests hold that path to the same promises as the rest of the store."""
+a pool of bare asyncpg connections: these tests hold that path, and the pool, to the same
+promises as the rest of the store."""
 
 from __future__ import annotations
 

@@ -105,14 +105,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
 def engine_pool(settings: Settings) -> tuple[int, int]:
     """SQLAlchemy's share of a PostgreSQL process's connections, as (size, overflow): half of each.
 
-    The other half (``driver_pool_size``) is asyncpg's own pool, for the per-job statements, so
-    a process holds at most ``pool_size + max_overflow`` connections over both (at least two).
+    The other half (``driver_pool_size``) is the pool of bare asyncpg connections for the per-job
+    statements (``postgres.DriverPool``), so a process holds at most ``pool_size + max_overflow``
+    connections over both (at least two).
     """
     return max(1, settings.pool_size // 2), settings.max_overflow // 2
 
 
 def driver_pool_size(settings: Settings) -> int:
-    """The most connections asyncpg's own pool opens: what the engine's share leaves."""
+    """The most connections the per-job pool opens: what the engine's share leaves."""
     size, overflow = engine_pool(settings)
     return max(1, settings.pool_size + settings.max_overflow - size - overflow)
 
