@@ -139,8 +139,10 @@ class DriverPool:
     at all. Transactions that SQLAlchemy builds keep its pool.
 
     A connection comes back for reuse unless what ran on it failed short of an answer from the
-    server (a lost connection, a cancelled statement) or left a transaction open: then it is
-    closed, and the next caller opens a fresh one.
+    server (a lost connection, a cancelled or timed-out statement) or left a transaction open:
+    then it is closed in the background, as asyncpg closes one (the server is asked to cancel
+    a statement still running, and rolls back an open transaction), and the next caller opens
+    a fresh one.
     """
 
     def __init__(self, dsn: str, *, max_size: int, acquire_timeout: float, connect_args: Mapping[str, Any]) -> None:
@@ -154,6 +156,7 @@ class DriverPool:
         """Connections open or being opened, in use or idle."""
         # Each waiter gets a connection, or None: one closed, so the waiter may open another.
         self._waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = collections.deque()
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @contextlib.asynccontextmanager
@@ -190,13 +193,7 @@ class DriverPool:
             if not waiter.done():
                 waiter.set_exception(asyncpg.InterfaceError("the store is closed"))
         self._waiters.clear()
-        results = await asyncio.gather(
-            *(asyncio.wait_for(connection.close(), _CLOSE_TIMEOUT_SECONDS) for connection, _ in idle),
-            return_exceptions=True,
-        )
-        for (connection, _), result in zip(idle, results, strict=True):
-            if isinstance(result, BaseException):
-                connection.terminate()
+        await asyncio.gather(*(_close(connection) for connection, _ in idle), *self._closing)
 
     def _take_idle(self) -> asyncpg.Connection | None:
         while self._idle:
@@ -240,9 +237,15 @@ class DriverPool:
         return await asyncpg.connect(self._dsn, **self._connect_args)
 
     def _give_back(self, connection: asyncpg.Connection, *, reusable: bool) -> None:
-        if self._closed or not reusable or connection.is_closed() or connection.is_in_transaction():
+        if self._closed or connection.is_closed():
             connection.terminate()
             self._forget()
+            return
+        if not reusable or connection.is_in_transaction():
+            # Counted as open until it is closed: the pool never holds more than its size.
+            closing = asyncio.get_running_loop().create_task(self._close_and_forget(connection))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -257,6 +260,12 @@ class DriverPool:
             del self._idle[0]
             oldest.terminate()
             self._open -= 1
+
+    async def _close_and_forget(self, connection: asyncpg.Connection) -> None:
+        try:
+            await _close(connection)
+        finally:
+            self._forget()
 
     def _forget(self) -> None:
         """One connection fewer: a caller waiting may open one in its place."""
@@ -273,6 +282,17 @@ class DriverPool:
 
 _IDLE_LIFETIME_SECONDS = 300.0
 _CLOSE_TIMEOUT_SECONDS = 10.0
+
+
+async def _close(connection: asyncpg.Connection) -> None:
+    """Close as asyncpg closes (a statement still running is cancelled first), or cut it off."""
+    try:
+        await asyncio.wait_for(connection.close(), _CLOSE_TIMEOUT_SECONDS)
+    except asyncio.CancelledError:
+        connection.terminate()
+        raise
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        connection.terminate()
 
 
 def _callback(handler: Callable[[str], None]) -> Callable[..., None]:
