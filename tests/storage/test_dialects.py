@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.jobs import AttemptRecord, JobError, Outcome
+from conveyor.settings import Settings
 from conveyor.storage import dialects
 from conveyor.storage.schema import jobs
 
@@ -46,3 +50,35 @@ def test_an_ack_writes_records_and_errors_as_their_to_json(value: AttemptRecord 
     assert orjson.loads(dialects.dumps(value)) == value.to_json()
     # With an integer over 64 bits in the batch (a result), the standard library writes it all.
     assert orjson.loads(dialects.dumps([value, 2**70]).replace(str(2**70), "0")) == [value.to_json(), 0]
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw
+
+
+async def test_a_sqlite_connection_given_back_inside_a_transaction_is_rolled_back(tmp_path: Path) -> None:
+    # The pool no longer rolls back every connection it takes back (a call into the connection's
+    # thread each time), only one that SQLite says is still inside a transaction.
+    engine = dialects.create_engine(Settings(database_url=f"sqlite:///{tmp_path / 'reset.db'}"))
+    try:
+        async with engine.connect() as conn:
+            raw = await _driver(conn)
+            await raw.execute("CREATE TABLE notes (text TEXT)")
+        async with engine.connect() as conn:
+            raw = await _driver(conn)
+            await raw.execute("BEGIN IMMEDIATE")
+            await raw.execute("INSERT INTO notes VALUES ('left open')")
+            assert raw.in_transaction
+
+        assert not raw.in_transaction, "rolled back as it came back"
+        async with engine.connect() as conn:
+            raw = await _driver(conn)
+            # The write lock was let go: a write of its own goes through at once.
+            await raw.execute("INSERT INTO notes VALUES ('written')")
+            rows = await (await raw.execute("SELECT text FROM notes")).fetchall()
+    finally:
+        await engine.dispose()
+
+    assert [row[0] for row in rows] == ["written"]
