@@ -259,7 +259,7 @@ class DriverPool:
         if len(self._idle) > 1 and now - since > _IDLE_LIFETIME_SECONDS:
             del self._idle[0]
             oldest.terminate()
-            self._open -= 1
+            self._forget()
 
     async def _close_and_forget(self, connection: asyncpg.Connection) -> None:
         try:
