@@ -74,7 +74,7 @@ class EnqueueOptions:
 
 
 # Frozen, so one instance serves every enqueue that gives no options.
-_NO_OPTIONS = EnqueueOptions()
+NO_OPTIONS = EnqueueOptions()
 
 
 def _problems_from(error: ValidationError, where: str) -> list[str]:
@@ -287,7 +287,7 @@ class Task(Generic[P, R]):
 
     def job(self, *args: P.args, **kwargs: P.kwargs) -> NewJob:
         """A checked, not yet stored job: for ``app.enqueue_many``."""
-        return self.app.new_job(self, args, kwargs, _NO_OPTIONS)
+        return self.app.new_job(self, args, kwargs, NO_OPTIONS)
 
     def step(self, *args: Any, **kwargs: Any) -> Step:
         """A workflow step: this task with its own arguments, for ``chain``, ``group`` and ``chord``.
@@ -299,7 +299,7 @@ class Task(Generic[P, R]):
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job for this task; a worker runs it. Returns the stored job."""
-        return await self.app.enqueue_new(self.app.new_job(self, args, kwargs, _NO_OPTIONS))
+        return await self.app.enqueue_new(self.app.new_job(self, args, kwargs, NO_OPTIONS))
 
     def using(self, **options: Any) -> BoundTask[P, R]:
         """This task with enqueue options set: ``await task.using(delay=60).enqueue(x)``.

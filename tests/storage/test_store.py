@@ -130,6 +130,16 @@ async def all_jobs(store: Store) -> list[Job]:
 BOOM = JobError(type="RuntimeError", message="boom", traceback="Traceback ...")
 
 
+async def settle(store: Store) -> None:
+    """Start a store listening, let a PostgreSQL store's listener connect (it wakes the store once), and
+    forget past wake-ups."""
+    await store.wait_for_jobs(0)  # a store listens from its first wait
+    listener = getattr(store, "_listener", None)
+    if listener is not None:
+        await asyncio.wait_for(listener.connected.wait(), 30)
+    await store.wait_for_jobs(0)
+
+
 # -- inserting ------------------------------------------------------------------------------
 
 
@@ -181,6 +191,18 @@ async def test_a_big_batch_is_stored_whole_and_storing_it_again_adds_nothing(sto
     assert all(job.kwargs == awkward for job in stored.values())
     assert sum(job.state is JobState.SCHEDULED for job in stored.values()) == 150
     assert len(await claim(store, limit=500)) == 150
+
+
+async def test_a_big_batch_wakes_a_store_waiting_in_another_process(store: Store, twin_store: Store) -> None:
+    await settle(twin_store)
+    waiting = asyncio.create_task(twin_store.wait_for_jobs(30))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await insert(store, *(new(args=[n]) for n in range(300)))
+    await waiting
+
+    assert loop.time() - started < 5, "woken by the batch (NOTIFY, or the SQLite commit), not by the timeout"
 
 
 async def test_a_big_batch_stores_every_column_whether_its_jobs_share_the_value_or_not(store: Store) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from tests.storage.test_store import LEASE, T0, ack_for, get, insert, new
+from tests.storage.test_store import LEASE, T0, ack_for, get, insert, new, settle
 
 from conveyor.jobs import Job, JobState
 from conveyor.limits import ClaimLimits, parse_rate_limit
@@ -204,7 +204,7 @@ async def test_a_store_held_up_by_a_full_queue_wakes_when_one_of_its_jobs_finish
     await insert(store, *(new(queue="reports") for _ in range(3)))
     running = await claim(store, REPORTS_TWO, queues=["reports"])
     assert await claim(store, REPORTS_TWO, queues=["reports"]) == []
-    await _settle(store)
+    await settle(store)
 
     await store.ack_jobs([ack_for(running[0], JobState.SUCCEEDED, now=T0)], now=T0)
     loop = asyncio.get_running_loop()
@@ -232,11 +232,3 @@ async def test_a_store_held_up_by_a_rate_limit_wakes_when_allowance_returns_and_
 
     assert 0.9 < loop.time() - started < 5
     assert wakes <= 3, "a held-up worker sleeps until its allowance returns; it does not spin"
-
-
-async def _settle(store: Store) -> None:
-    """Let a PostgreSQL store's listener connect (it wakes the store once) and forget past wake-ups."""
-    listener = getattr(store, "_listener", None)
-    if listener is not None:
-        await asyncio.wait_for(listener.connected.wait(), 30)
-    await store.wait_for_jobs(0)

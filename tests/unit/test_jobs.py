@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.jobs import FINISHED_STATES, AttemptRecord, Job, JobError, JobState, NewJob, Outcome, new_job_id
+from conveyor.jobs import (
+    FINISHED_STATES,
+    AttemptRecord,
+    Job,
+    JobError,
+    JobState,
+    NewJob,
+    Outcome,
+    fast_constructor,
+    new_job_id,
+)
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ERROR = JobError(type="ValueError", message="bad input", traceback="Traceback (most recent call last): ...")
@@ -168,3 +178,17 @@ def test_new_jobs_keep_their_defaults_and_refuse_missing_fields() -> None:
         first.queue = "other"  # ty: ignore[invalid-assignment]
     with pytest.raises(TypeError, match="kwargs"):
         NewJob(task="a", args=[])  # ty: ignore[missing-argument]
+
+
+def test_the_fast_constructor_builds_the_same_frozen_job_as_the_class() -> None:
+    build = fast_constructor(NewJob)
+
+    fast, slow = build("a", [1], {"b": 2}, "q"), NewJob("a", [1], {"b": 2}, "q")
+
+    assert type(fast) is NewJob
+    assert fast.id != slow.id, "each gets its own id"
+    assert fast == dataclasses.replace(slow, id=fast.id)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.queue = "other"  # ty: ignore[invalid-assignment]
+    with pytest.raises(TypeError, match="kwargs"):
+        build("a", [])

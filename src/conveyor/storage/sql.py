@@ -41,6 +41,7 @@ from conveyor.jobs import (
     Page,
     QueueStats,
     TokenRecord,
+    fast_constructor,
 )
 from conveyor.limits import ClaimLimits
 from conveyor.storage import dialects
@@ -58,8 +59,8 @@ _FINISHED = [state.value for state in FINISHED_STATES]
 P = ParamSpec("P")
 
 # From this many keyless jobs, a PostgreSQL bulk enqueue goes in parts, in one transaction: BEGIN,
-# a statement a part, NOTIFY and COMMIT instead of one round trip, repaid many times over by the
-# client building each part while the server stores the one before.
+# a statement a part (each announcing its queues) and COMMIT instead of one round trip, repaid
+# many times over by the client building each part while the server stores the one before.
 _PARTS_FROM = 64
 R = TypeVar("R")
 
@@ -139,6 +140,7 @@ def _as_utc(value: datetime) -> datetime:
 
 
 _STATES = {state.value: state for state in JobState}
+_build_job = fast_constructor(Job)
 
 
 def _row_to_job(row: Mapping[str, Any]) -> Job:
@@ -146,7 +148,7 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
     # (tests/storage check every field of a stored job, so a field out of order fails them.)
     error = row["error"]
     history = row["history"]
-    return Job(
+    return _build_job(
         row["id"],
         row["task"],
         row["queue"],
@@ -184,10 +186,10 @@ def _row_to_job(row: Mapping[str, Any]) -> Job:
 def _new_stored_job(new: NewJob, now: datetime) -> Job:
     """A new job exactly as its row reads once stored (times in UTC): what an enqueue returns."""
     now = _as_utc(now)
-    run_at = _as_utc(new.run_at or now)
+    run_at = now if new.run_at is None else _as_utc(new.run_at)
     state = JobState.WAITING if new.waiting_on > 0 else JobState.SCHEDULED if run_at > now else JobState.QUEUED
     # Positional, in Job's field order, as in _row_to_job.
-    return Job(
+    return _build_job(
         new.id,
         new.task,
         new.queue,
@@ -248,7 +250,8 @@ async def _stored_in_parts(new_jobs: Sequence[NewJob], now: datetime) -> AsyncGe
         part: list[Job] = []
         for offset in range(start, min(start + _INSERT_PART, len(new_jobs)), _JOBS_PER_SLICE):
             await asyncio.sleep(0)
-            part.extend(_new_stored_job(new, now) for new in new_jobs[offset : offset + _JOBS_PER_SLICE])
+            end = min(offset + _JOBS_PER_SLICE, start + _INSERT_PART)
+            part.extend(_new_stored_job(new, now) for new in new_jobs[offset:end])
         yield part
 
 
