@@ -636,10 +636,14 @@ _CLAIM_RETURNING = ", ".join(
 
 
 def _claim_sql(due: str) -> str:
+    # `id = ANY(ARRAY(due))`, not `id IN (due)`: the chosen ids become one array, and each row is
+    # then found by its key. With IN the planner would rather hash the chosen ids and scan the
+    # whole table for them, finished jobs and all: a 1,000-job claim took 11 ms against 10,000
+    # rows and 45 ms against 150,000, where it now takes 10 to 11 ms at either size.
     return (
         _ASYNC_COMMIT + "UPDATE conveyor_jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1, "  # noqa: S608 - constant
         "lease_expires_at = $2, attempted_at = $3, updated_at = $3 "
-        f"WHERE id IN ({due}) AND EXISTS (SELECT FROM lease) RETURNING {_CLAIM_RETURNING}"
+        f"WHERE id = ANY(ARRAY({due})) AND EXISTS (SELECT FROM lease) RETURNING {_CLAIM_RETURNING}"
     )
 
 
