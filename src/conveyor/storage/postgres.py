@@ -9,23 +9,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import operator
 import random
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
 import structlog
 
 from conveyor.background import Background
+from conveyor.jobs import AttemptRecord, Job, JobError, JobState, fast_constructor
 from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads
-
-if TYPE_CHECKING:
-    from conveyor.jobs import Job
 
 logger = structlog.get_logger("conveyor.storage")
 
@@ -625,14 +624,24 @@ _CLAIM_QUEUES = (
 _ASYNC_COMMIT = "WITH lease AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) "
 
 
-# What the claim sets from its own parameters is not read back: decoding three timestamps and two
-# strings per job that the caller already holds cost the worker about a tenth of its time per job.
+# A claim reads its jobs back as Job's fields, in Job's order, so that each record becomes a Job
+# by position: through a dict per row and a lookup per field it cost the worker about 3 µs more a
+# job. What the claim sets from its own parameters is not read back (NULL, filled in here):
+# decoding three timestamps and two strings per job that the caller already holds cost the worker
+# about a tenth of its time per job.
+_JOB_FIELDS = tuple(item.name for item in dataclasses.fields(Job))
 _SET_BY_CLAIM = ("state", "lease_owner", "lease_expires_at", "attempted_at", "updated_at")
 _CLAIM_RETURNING = ", ".join(
-    f"{column}::text AS {column}" if column in _ALL_JSON else column
-    for column in _ALL_COLUMNS
-    if column not in _SET_BY_CLAIM
+    f"NULL AS {name}" if name in _SET_BY_CLAIM else f"{name}::text AS {name}" if name in _ALL_JSON else name
+    for name in _JOB_FIELDS
 )
+_CLAIMED_JSON = tuple(_JOB_FIELDS.index(name) for name in ("args", "kwargs", "progress", "result", "trace_context"))
+_CLAIMED_ERROR = _JOB_FIELDS.index("error")
+_CLAIMED_HISTORY = _JOB_FIELDS.index("history")
+_CLAIMED_STATE, _CLAIMED_LEASE_OWNER, _CLAIMED_LEASE_EXPIRES_AT, _CLAIMED_ATTEMPTED_AT, _CLAIMED_UPDATED_AT = map(
+    _JOB_FIELDS.index, _SET_BY_CLAIM
+)
+_build_job = fast_constructor(Job)
 
 
 def _claim_sql(due: str) -> str:
@@ -653,27 +662,31 @@ _CLAIM_QUEUES_SQL = _claim_sql(_CLAIM_QUEUES)
 
 async def claim_in_one_statement(
     connection: Any, *, queues: Sequence[str], limit: int, lease_owner: str, lease_expires_at: Any, now: Any
-) -> list[dict[str, Any]]:
-    """Claim up to ``limit`` due jobs in one statement; return their rows with JSON decoded.
+) -> list[Job]:
+    """Claim up to ``limit`` due jobs in one statement; return them as they now stand (in no set order).
 
-    ``lease_expires_at`` and ``now`` must be in UTC: the rows carry them as the claim stored them.
+    ``lease_expires_at`` and ``now`` must be in UTC: the jobs carry them as the claim stored them.
     """
     if len(queues) == 1:
         found = await connection.fetch(_CLAIM_ONE_QUEUE_SQL, lease_owner, lease_expires_at, now, queues[0], limit)
     else:
         found = await connection.fetch(_CLAIM_QUEUES_SQL, lease_owner, lease_expires_at, now, list(queues), limit)
-    set_by_claim = {
-        "state": "running",
-        "lease_owner": lease_owner,
-        "lease_expires_at": lease_expires_at,
-        "attempted_at": now,
-        "updated_at": now,
-    }
     claimed = []
     for record in found:
-        row = _decoded(record)
-        row.update(set_by_claim)
-        claimed.append(row)
+        fields = list(record)
+        for position in _CLAIMED_JSON:
+            value = fields[position]
+            if value is not None:
+                fields[position] = loads(value)
+        error = fields[_CLAIMED_ERROR]
+        fields[_CLAIMED_ERROR] = JobError.from_json(loads(error)) if error is not None else None
+        history = fields[_CLAIMED_HISTORY]
+        fields[_CLAIMED_HISTORY] = tuple(map(AttemptRecord.from_json, loads(history))) if history is not None else ()
+        fields[_CLAIMED_STATE] = JobState.RUNNING
+        fields[_CLAIMED_LEASE_OWNER] = lease_owner
+        fields[_CLAIMED_LEASE_EXPIRES_AT] = lease_expires_at
+        fields[_CLAIMED_ATTEMPTED_AT] = fields[_CLAIMED_UPDATED_AT] = now
+        claimed.append(_build_job(*fields))
     return claimed
 
 

@@ -594,8 +594,8 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                # In UTC, as every time read back is: the claimed rows carry these two as they are.
-                rows = await postgres.claim_in_one_statement(
+                # In UTC, as every time read back is: the claimed jobs carry these two as they are.
+                claimed = await postgres.claim_in_one_statement(
                     driven,
                     queues=queues,
                     limit=limit,
@@ -603,7 +603,6 @@ class SqlStore:
                     lease_expires_at=_as_utc(lease_expires_at),
                     now=_as_utc(now),
                 )
-            claimed = [_row_to_job(row) for row in rows]
             claimed.sort(key=lambda job: (-job.priority, job.run_at, job.id))
             return claimed
         running = {
