@@ -27,7 +27,7 @@ from conveyor.jobs import (
     new_job_id,
 )
 from conveyor.settings import Settings
-from conveyor.storage import Store, open_store
+from conveyor.storage import Store, open_store, sql
 from conveyor.storage.sql import SqlStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -191,6 +191,20 @@ async def test_a_big_batch_is_stored_whole_and_storing_it_again_adds_nothing(sto
     assert all(job.kwargs == awkward for job in stored.values())
     assert sum(job.state is JobState.SCHEDULED for job in stored.values()) == 150
     assert len(await claim(store, limit=500)) == 150
+
+
+async def test_a_big_batch_in_parts_of_any_size_stores_each_job_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A part is built in slices; a part size that is no multiple of the slice must still end
+    # where the next part begins (PostgreSQL inserts in parts; SQLite in one statement).
+    monkeypatch.setattr(sql, "_INSERT_PART", 70)
+    batch = [new(args=[n]) for n in range(300)]
+
+    inserted = await insert(store, *batch)
+
+    assert [job.id for job in inserted] == [item.id for item in batch]
+    assert sorted(job.args[0] for job in await all_jobs(store)) == list(range(300))
 
 
 async def test_a_big_batch_wakes_a_store_waiting_in_another_process(store: Store, twin_store: Store) -> None:
