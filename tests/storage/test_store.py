@@ -255,6 +255,38 @@ async def test_a_big_batch_stores_every_column_whether_its_jobs_share_the_value_
             assert (got.correlation_id, got.parent_id, got.created_at) == (item.correlation_id, item.parent_id, T0)
 
 
+async def test_a_job_inserted_alone_stores_every_column(store: Store) -> None:
+    # PostgreSQL sends a lone job as a row of parameters, not as a JSON document.
+    alone = new(
+        "task-alone",
+        args=[1, "two", None, 2**70],
+        kwargs={"k": {"nested": True}},
+        queue="solo",
+        priority=3,
+        max_attempts=4,
+        run_at=T0 - timedelta(seconds=1),
+        timeout_seconds=2.5,
+        trace_context={"traceparent": f"00-{1:032x}-{1:016x}-01"},
+        correlation_id="req-alone",
+        parent_id=new_job_id(),
+    )
+    bare = new(kwargs={})
+
+    returned = [(await insert(store, item))[0] for item in (alone, bare)]
+
+    for item, job in zip((alone, bare), returned, strict=True):
+        assert job == await get(store, item.id), "the returned job reads as the stored one"
+        expected = (item.task, item.args, item.kwargs, item.queue, item.priority, item.max_attempts, item.run_at or T0)
+        assert (job.task, job.args, job.kwargs, job.queue, job.priority, job.max_attempts, job.run_at) == expected
+        assert (job.timeout_seconds, job.trace_context, job.correlation_id, job.parent_id) == (
+            item.timeout_seconds,
+            item.trace_context,
+            item.correlation_id,
+            item.parent_id,
+        )
+        assert (job.state, job.attempt, job.history, job.created_at) == (JobState.QUEUED, 0, (), T0)
+
+
 async def test_one_bad_job_late_in_a_big_batch_stores_none_of_it(store: Store) -> None:
     # Big enough for PostgreSQL to insert it in parts: the parts before the bad job's are rolled back too.
     batch = [new(args=[n], max_attempts=0 if n == 450 else 5) for n in range(500)]
