@@ -476,9 +476,10 @@ def _producer_span(name: str, count: int) -> Generator[None]:
 class _GroupCommit:
     """Single enqueues that arrive together are written in one transaction.
 
-    The first waits for no one: its insert starts at once. Whatever arrives while that insert
-    is in flight forms the next batch, so under load a transaction carries many jobs and when
-    idle a job pays no extra wait.
+    The first waits for no one: it inserts its job itself, at once, in its own task. Whatever
+    arrives while an insert is in flight forms the next batch, which a flush task writes as soon
+    as that insert is done, so under load a transaction carries many jobs and when idle a job
+    pays no extra wait (nor the hop through another task, about a tenth of an idle enqueue).
     """
 
     def __init__(self, store: Store, clock: Callable[[], datetime], max_batch: int = 500) -> None:
@@ -486,32 +487,49 @@ class _GroupCommit:
         self._clock = clock
         self._max_batch = max_batch
         self._pending: list[tuple[NewJob, asyncio.Future[Job]]] = []
+        self._inserting = False
+        # Held here: the loop keeps only a weak reference to a task.
         self._flushing: asyncio.Task[None] | None = None
 
     async def submit(self, new: NewJob) -> Job:
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-        self._pending.append((new, future))
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush(), name="conveyor-group-commit")
-        return await future
+        if self._inserting:
+            future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+            self._pending.append((new, future))
+            return await future
+        self._inserting = True
+        try:
+            return (await self._store.insert_jobs([new], now=self._clock()))[0]
+        finally:
+            self._next_batch()
+
+    def _next_batch(self) -> None:
+        """Hand what arrived meanwhile to a flush task, or mark the way free."""
+        if self._pending:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="conveyor-group-commit")
+        else:
+            self._inserting = False
+            self._flushing = None
 
     async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            try:
-                stored = await self._store.insert_jobs([new for new, _ in batch], now=self._clock())
-            except asyncio.CancelledError:
-                for _, future in batch:
-                    future.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001 - each waiting caller gets the failure as its own
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+        try:
+            stored = await self._store.insert_jobs([new for new, _ in batch], now=self._clock())
+        except asyncio.CancelledError:
+            # The loop is shutting down: nobody is left to write what waits.
+            waiting, self._pending = [*batch, *self._pending], []
+            for _, future in waiting:
+                future.cancel()
+            self._inserting = False
+            raise
+        except Exception as exc:  # noqa: BLE001 - each waiting caller gets the failure as its own
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
             for (_, future), job in zip(batch, stored, strict=True):
                 if not future.done():
                     future.set_result(job)
+        self._next_batch()
 
 
 def _option_problems(

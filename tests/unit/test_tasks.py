@@ -7,12 +7,16 @@ Annotations name module-level types, because they are resolved from the module's
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from conveyor import CONTEXT, Conveyor, JobContext, JobState, TaskArgumentsError, UnknownTaskError
+from conveyor.jobs import Job, NewJob
+from conveyor.storage import Store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -342,3 +346,60 @@ async def test_concurrent_single_enqueues_are_all_stored_once_each(app: Conveyor
     assert len({job.id for job in keyed}) == 1, "one key, one job, even inside one group commit"
     assert sorted(job.args[0] for job in stored if job.idempotency_key is None) == list(range(50))
     assert len(stored) == 51
+
+
+def gate_inserts(store: Store) -> tuple[list[int], asyncio.Event]:
+    """Record each insert's batch size on ``store``; the first insert waits for the returned event."""
+    sizes: list[int] = []
+    opened = asyncio.Event()
+    insert = store.insert_jobs
+
+    async def gated(new_jobs: Sequence[NewJob], **kwargs: Any) -> list[Job]:
+        sizes.append(len(new_jobs))
+        if len(sizes) == 1:
+            await opened.wait()
+        return await insert(new_jobs, **kwargs)
+
+    store.insert_jobs = gated  # ty: ignore[invalid-assignment]
+    return sizes, opened
+
+
+async def test_single_enqueues_that_arrive_during_an_insert_share_the_next_one(app: Conveyor) -> None:
+    @app.task
+    def note(n: int) -> int:
+        return n
+
+    sizes, opened = gate_inserts(await app.store())
+    first = asyncio.ensure_future(note.enqueue(0))
+    await asyncio.sleep(0)
+    rest = asyncio.ensure_future(asyncio.gather(*(note.enqueue(n) for n in range(1, 50))))
+    await asyncio.sleep(0.01)
+    assert sizes == [1], "the first enqueue inserts at once; the others wait for it"
+
+    opened.set()
+    jobs = [await first, *await rest]
+
+    assert sizes == [1, 49]
+    assert [job.args[0] for job in jobs] == list(range(50))
+    assert await stored_count(app) == 50
+
+
+async def test_an_enqueue_cancelled_during_its_insert_leaves_those_behind_it_stored(app: Conveyor) -> None:
+    @app.task
+    def note(n: int) -> int:
+        return n
+
+    sizes, _ = gate_inserts(await app.store())
+    first = asyncio.ensure_future(note.enqueue(0))
+    await asyncio.sleep(0)
+    behind = asyncio.ensure_future(asyncio.gather(*(note.enqueue(n) for n in (1, 2))))
+    await asyncio.sleep(0.01)
+
+    first.cancel()
+    jobs = await asyncio.wait_for(behind, timeout=10)
+
+    assert sizes == [1, 2]
+    assert sorted(job.args[0] for job in (await app.list_jobs()).jobs) == [1, 2]
+    assert [job.args[0] for job in jobs] == [1, 2]
+    assert (await note.enqueue(3)).args == [3], "and the next enqueue inserts at once again"
+    assert sizes == [1, 2, 1]
