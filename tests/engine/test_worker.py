@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from tests.engine.conftest import lingering_task, running_worker
 from tests.support import tasks as support
+from tests.support.waiting import settle
 
 from conveyor import (
     CONTEXT,
@@ -291,6 +292,32 @@ async def test_an_idle_worker_is_woken_by_an_enqueue_in_the_same_process(databas
             await ping.enqueue()
             # Far below the 60 s poll: only the wake-up can have started it.
             await asyncio.wait_for(started.wait(), 10)
+    finally:
+        await app.close()
+
+
+async def test_an_idle_worker_stops_at_once_when_asked(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = Conveyor(database_url=database_url, poll_interval_seconds=60)
+    store = await app.store()
+    # Listening before the worker starts: no wake-up of the store's own can end the worker's wait.
+    await settle(store)
+    waiting = asyncio.Event()
+    wait_for_jobs = store.wait_for_jobs
+
+    async def noted_wait(timeout: float) -> None:
+        waiting.set()
+        await wait_for_jobs(timeout)
+
+    monkeypatch.setattr(store, "wait_for_jobs", noted_wait)
+    try:
+        worker = Worker(app)
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(waiting.wait(), 10)
+
+        worker.stop()
+
+        # Far below the 60 s poll: only the stop's wake-up can have ended the wait.
+        await asyncio.wait_for(run, 10)
     finally:
         await app.close()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from tests.support.waiting import settle
 
 from conveyor.errors import JobNotFoundError, JobStateError, StorageError
 from conveyor.jobs import (
@@ -128,16 +129,6 @@ async def all_jobs(store: Store) -> list[Job]:
 
 
 BOOM = JobError(type="RuntimeError", message="boom", traceback="Traceback ...")
-
-
-async def settle(store: Store) -> None:
-    """Start a store listening, let a PostgreSQL store's listener connect (it wakes the store once), and
-    forget past wake-ups."""
-    await store.wait_for_jobs(0)  # a store listens from its first wait
-    listener = getattr(store, "_listener", None)
-    if listener is not None:
-        await asyncio.wait_for(listener.connected.wait(), 30)
-    await store.wait_for_jobs(0)
 
 
 # -- inserting ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from tests.storage.test_store import LEASE, T0, ack_for, get, insert, new, settle
+from tests.storage.test_store import LEASE, T0, ack_for, get, insert, new
+from tests.support.waiting import settle
 
 from conveyor.jobs import Job, JobState
 from conveyor.limits import ClaimLimits, parse_rate_limit

@@ -27,6 +27,8 @@ class Store(Protocol):
 
     async def wait_for_jobs(self, timeout: float) -> None: ...
 
+    def wake_waiters(self) -> None: ...
+
     async def fetch_jobs(
         self,
         *,

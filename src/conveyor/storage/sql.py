@@ -555,9 +555,15 @@ class SqlStore:
         """Return when runnable jobs may have been added (here, or by any process), or after ``timeout``."""
         self._listen()
         self._watch_commits()
+        # A timeout around the wait, not asyncio.wait_for: no task is made per wait (3.11 makes one).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work_added.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._work_added.wait()
         self._work_added.clear()
+
+    def wake_waiters(self) -> None:
+        """End every ``wait_for_jobs`` now: the caller knows of news the store cannot hear of."""
+        self._work_added.set()
 
     # -- the worker's cycle ---------------------------------------------------------------
 
