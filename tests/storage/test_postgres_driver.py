@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from tests.storage.test_store import T0
 from tests.support import postgres
+from tests.support.waiting import eventually, settle
 
 from conveyor.jobs import Ack, AttemptRecord, JobFilter, JobState, NewJob, Outcome
 from conveyor.settings import Settings
@@ -319,3 +320,72 @@ async def test_a_closed_pool_refuses_callers_and_closes_what_comes_back(pool: pg
         await _backend(pool)
     await holding.__aexit__(None, None, None)
     assert held.is_closed()
+
+
+# -- the listener ---------------------------------------------------------------------------
+
+
+async def _finish_a_job(store: Store) -> str:
+    (job,) = await store.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+    (claimed,) = await store.fetch_jobs(queues=["default"], limit=1, lease_owner="w#1", lease_seconds=30, now=T0)
+    record = AttemptRecord(attempt=1, worker="w", started_at=T0, ended_at=T0, outcome=Outcome.SUCCEEDED)
+    ack = Ack(job_id=claimed.id, lease_owner="w#1", workflow_id=None, state=JobState.SUCCEEDED, record=record)
+    assert await store.ack_jobs([ack], now=T0) == {job.id}
+    return job.id
+
+
+def _listener_of(store: Store) -> pg.Listener:
+    listener = getattr(store, "_listener", None)  # the store's own part, looked at from outside
+    assert isinstance(listener, pg.Listener), "the store listens from its first wait or subscription"
+    return listener
+
+
+async def _listening_on(store: Store, channel: str) -> None:
+    listener = _listener_of(store)
+    await eventually(lambda: _true(channel in listener.listening), timeout=30, interval=0.005)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_waiting_store_listens_for_finished_jobs_only_once_asked_to(
+    store: Store, postgres_database: str
+) -> None:
+    other = await open_store(Settings(database_url=postgres_database))
+    try:
+        await settle(store)
+        # A worker waits for jobs: every ack of every worker would wake it on the other channel.
+        assert _listener_of(store).listening == {pg.JOBS_CHANNEL}
+        announced: asyncio.Queue[set[str]] = asyncio.Queue()
+
+        store.on_jobs_finished(announced.put_nowait)
+        await _listening_on(store, pg.FINISHED_CHANNEL)
+        job_id = await _finish_a_job(other)
+
+        assert await asyncio.wait_for(announced.get(), 10) == {job_id}
+    finally:
+        await other.close()
+
+
+async def test_a_store_listening_for_finished_jobs_hears_of_enqueues_once_it_waits(
+    store: Store, postgres_database: str
+) -> None:
+    other = await open_store(Settings(database_url=postgres_database))
+    try:
+        store.on_jobs_finished(lambda _ids: None)
+        await _listening_on(store, pg.FINISHED_CHANNEL)
+        assert _listener_of(store).listening == {pg.FINISHED_CHANNEL}
+        await store.wait_for_jobs(0)
+        await _listening_on(store, pg.JOBS_CHANNEL)
+        await store.wait_for_jobs(0)  # the wake-up that comes with a new channel
+        waiting = asyncio.create_task(store.wait_for_jobs(30))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        await other.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+        await waiting
+
+        assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
+    finally:
+        await other.close()

@@ -71,24 +71,31 @@ class Listener:
     fires ``on_connect``, so whatever was notified during the gap is looked for at once.
     """
 
-    def __init__(
-        self,
-        dsn: str,
-        handlers: Mapping[str, Callable[[str], None]],
-        *,
-        on_connect: Callable[[], None],
-        check_interval: float = 5.0,
-    ) -> None:
+    def __init__(self, dsn: str, *, on_connect: Callable[[], None], check_interval: float = 5.0) -> None:
         self._dsn = dsn
-        self._handlers = dict(handlers)
+        # Channels and their handlers, as added: each connection listens on all of them.
+        self._handlers: dict[str, Callable[[str], None]] = {}
         self._on_connect = on_connect
         self._check_interval = check_interval
         self._background = Background(self._run, name="conveyor-pg-listener")
         self.connected = asyncio.Event()
+        self.listening: set[str] = set()
+        """The channels the current connection listens on (none while it is down)."""
+        self._added = asyncio.Event()
         self._last_error_log = 0.0
 
     def start(self) -> None:
         self._background.start()
+
+    def add(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Listen on ``channel`` too, from the next moment the connection can take it (once per channel).
+
+        Each channel a connection listens on wakes it, and the server's backend serving it, for
+        every notification on it: a process listens only on the channels it has a use for.
+        """
+        if channel not in self._handlers:
+            self._handlers[channel] = handler
+            self._added.set()
 
     async def stop(self) -> None:
         await self._background.stop()
@@ -101,16 +108,24 @@ class Listener:
                 connection = await asyncpg.connect(
                     self._dsn, timeout=10, server_settings={"application_name": LISTENER_APPLICATION_NAME}
                 )
-                for channel, handler in self._handlers.items():
-                    await connection.add_listener(channel, _callback(handler))
+                self.listening = set()
+                await self._listen_to_new_channels(connection)
                 failures = 0
                 self.connected.set()
                 self._on_connect()
                 while True:
-                    await asyncio.sleep(self._check_interval)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._check_interval):
+                            await self._added.wait()
+                    if self._added.is_set():
+                        await self._listen_to_new_channels(connection)
+                        # What the new channel carried before its LISTEN is looked for at once too.
+                        self._on_connect()
+                        continue
                     await connection.fetchval("SELECT 1", timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self.connected.clear()
+                self.listening = set()
                 failures += 1
                 self._log_failure(exc)
                 await asyncio.sleep(random.uniform(0, min(10.0, 0.1 * 2**failures)))  # noqa: S311 - jitter
@@ -118,6 +133,13 @@ class Listener:
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(connection.close(), 2)
+
+    async def _listen_to_new_channels(self, connection: asyncpg.Connection) -> None:
+        self._added.clear()
+        for channel, handler in list(self._handlers.items()):
+            if channel not in self.listening:
+                await connection.add_listener(channel, _callback(handler))
+                self.listening.add(channel)
 
     def _log_failure(self, exc: BaseException) -> None:
         # A database outage would otherwise log this line several times a second.

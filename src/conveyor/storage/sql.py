@@ -337,21 +337,23 @@ class SqlStore:
             await self._driver.close()
         await self._engine.dispose()
 
-    def _listen(self) -> None:
-        """Start listening for other processes' notifications (PostgreSQL), once, when first needed."""
-        if self.dialect != "postgresql" or self._listener is not None:
+    def _listen(self, *, finished: bool = False) -> None:
+        """Listen for other processes' enqueues, or (``finished``) finished jobs: PostgreSQL, from when first needed.
+
+        A worker listens for enqueues, a server for finished jobs (its long-polls); neither is
+        woken by the other's channel, which for a worker would be every ack of every worker.
+        """
+        if self.dialect != "postgresql":
             return
         from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
-        self._listener = postgres.Listener(
-            postgres.asyncpg_dsn(self._engine.url),
-            {
-                postgres.JOBS_CHANNEL: lambda _queue: self._work_added.set(),
-                postgres.FINISHED_CHANNEL: lambda payload: self._announce_finished(set(payload.split(","))),
-            },
-            on_connect=self._work_added.set,
-        )
-        self._listener.start()
+        if self._listener is None:
+            self._listener = postgres.Listener(postgres.asyncpg_dsn(self._engine.url), on_connect=self._work_added.set)
+            self._listener.start()
+        if finished:
+            self._listener.add(postgres.FINISHED_CHANNEL, self._finished_notified)
+        else:
+            self._listener.add(postgres.JOBS_CHANNEL, self._jobs_notified)
 
     def _watch_commits(self) -> None:
         """Learn of other processes' commits (SQLite), from when a worker or a long-poll first waits.
@@ -821,7 +823,13 @@ class SqlStore:
     def on_jobs_finished(self, listener: Callable[[set[str]], None]) -> None:
         """Call ``listener`` with the ids of finished jobs: here at once, and (PostgreSQL) from any process."""
         self._finish_listeners.append(listener)
-        self._listen()
+        self._listen(finished=True)
+
+    def _jobs_notified(self, _queue: str) -> None:
+        self._work_added.set()
+
+    def _finished_notified(self, payload: str) -> None:
+        self._announce_finished(set(payload.split(",")))
 
     def _announce_finished(self, job_ids: set[str]) -> None:
         if job_ids:
