@@ -33,6 +33,10 @@ R = TypeVar("R")
 
 MAX_NAME_LENGTH = 255
 _build_new_job = fast_constructor(NewJob)
+# Concurrent single enqueues (the HTTP API under load) on PostgreSQL: with one insert out at a
+# time, `conveyor serve` sat 15 to 20 % idle under `wrk` waiting for each commit; with two it is
+# busy throughout (2,088 and 2,474 against 2,400 and 2,536 `POST /jobs` a second).
+_POSTGRES_INSERTS_IN_FLIGHT = 2
 
 
 def utcnow() -> datetime:
@@ -213,7 +217,9 @@ class Conveyor:
         async with self._store_lock:
             if self._store is None:
                 self._store = await open_store(self.settings)
-                self._group_commit = _GroupCommit(self._store, self._now)
+                # PostgreSQL commits on separate connections in parallel; SQLite has one writer.
+                in_flight = _POSTGRES_INSERTS_IN_FLIGHT if self._store.dialect == "postgresql" else 1
+                self._group_commit = _GroupCommit(self._store, self._now, max_in_flight=in_flight)
             return self._store
 
     def _now(self) -> datetime:
@@ -477,41 +483,47 @@ class _GroupCommit:
     """Single enqueues that arrive together are written in one transaction.
 
     The first waits for no one: it inserts its job itself, at once, in its own task. Whatever
-    arrives while an insert is in flight forms the next batch, which a flush task writes as soon
-    as that insert is done, so under load a transaction carries many jobs and when idle a job
-    pays no extra wait (nor the hop through another task, about a tenth of an idle enqueue).
+    arrives while ``max_in_flight`` inserts are out forms the next batch, which a flush task
+    writes as soon as one of them is done, so under load a transaction carries many jobs and when
+    idle a job pays no extra wait (nor the hop through another task, about a tenth of an idle
+    enqueue). More than one insert in flight lets one batch's commit wait for the disk while the
+    next is written: on PostgreSQL, whose connections commit in parallel.
     """
 
-    def __init__(self, store: Store, clock: Callable[[], datetime], max_batch: int = 500) -> None:
+    def __init__(
+        self, store: Store, clock: Callable[[], datetime], *, max_batch: int = 500, max_in_flight: int = 1
+    ) -> None:
         self._store = store
         self._clock = clock
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._pending: list[tuple[NewJob, asyncio.Future[Job]]] = []
-        self._inserting = False
+        self._in_flight = 0
         # Held here: the loop keeps only a weak reference to a task.
-        self._flushing: asyncio.Task[None] | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def submit(self, new: NewJob) -> Job:
-        if self._inserting:
+        if self._in_flight >= self._max_in_flight:
             future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
             self._pending.append((new, future))
             return await future
-        self._inserting = True
+        self._in_flight += 1
         try:
             return (await self._store.insert_jobs([new], now=self._clock()))[0]
         finally:
-            self._next_batch()
+            self._in_flight -= 1
+            self._next_batches()
 
-    def _next_batch(self) -> None:
-        """Hand what arrived meanwhile to a flush task, or mark the way free."""
-        if self._pending:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="conveyor-group-commit")
-        else:
-            self._inserting = False
-            self._flushing = None
+    def _next_batches(self) -> None:
+        """Hand what waits to flush tasks, as many as may be in flight."""
+        while self._pending and self._in_flight < self._max_in_flight:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            self._in_flight += 1
+            flushing = asyncio.get_running_loop().create_task(self._flush(batch), name="conveyor-group-commit")
+            self._flushing.add(flushing)
+            flushing.add_done_callback(self._flushing.discard)
 
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+    async def _flush(self, batch: list[tuple[NewJob, asyncio.Future[Job]]]) -> None:
         try:
             stored = await self._store.insert_jobs([new for new, _ in batch], now=self._clock())
         except asyncio.CancelledError:
@@ -519,7 +531,7 @@ class _GroupCommit:
             waiting, self._pending = [*batch, *self._pending], []
             for _, future in waiting:
                 future.cancel()
-            self._inserting = False
+            self._in_flight -= 1
             raise
         except Exception as exc:  # noqa: BLE001 - each waiting caller gets the failure as its own
             for _, future in batch:
@@ -529,7 +541,8 @@ class _GroupCommit:
             for (_, future), job in zip(batch, stored, strict=True):
                 if not future.done():
                     future.set_result(job)
-        self._next_batch()
+        self._in_flight -= 1
+        self._next_batches()
 
 
 def _option_problems(

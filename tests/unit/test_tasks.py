@@ -384,6 +384,32 @@ async def test_single_enqueues_that_arrive_during_an_insert_share_the_next_one(a
     assert await stored_count(app) == 50
 
 
+@pytest.mark.postgres
+async def test_on_postgresql_a_second_enqueue_is_written_while_the_first_waits_for_its_commit(
+    postgres_database: str,
+) -> None:
+    app = Conveyor(database_url=postgres_database)
+
+    @app.task
+    def note(n: int) -> int:
+        return n
+
+    try:
+        sizes, opened = gate_inserts(await app.store())
+        first = asyncio.ensure_future(note.enqueue(0))
+        await asyncio.sleep(0)
+
+        second = await asyncio.wait_for(note.enqueue(1), 10)
+
+        assert sizes == [1, 1], "two inserts out at once, each of its own job"
+        opened.set()
+        assert (await first).args == [0]
+        assert second.args == [1]
+        assert sorted(job.args[0] for job in (await app.list_jobs()).jobs) == [0, 1]
+    finally:
+        await app.close()
+
+
 async def test_an_enqueue_cancelled_during_its_insert_leaves_those_behind_it_stored(app: Conveyor) -> None:
     @app.task
     def note(n: int) -> int:
