@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from tests.support import postgres
 
 from conveyor import CONTEXT, Conveyor, JobContext, JobState, TaskArgumentsError, UnknownTaskError
 from conveyor.jobs import Job, NewJob
@@ -388,6 +389,7 @@ async def test_single_enqueues_that_arrive_during_an_insert_share_the_next_one(a
 async def test_on_postgresql_a_second_enqueue_is_written_while_the_first_waits_for_its_commit(
     postgres_database: str,
 ) -> None:
+    await postgres.truncate(postgres_database)
     app = Conveyor(database_url=postgres_database)
 
     @app.task
@@ -403,11 +405,11 @@ async def test_on_postgresql_a_second_enqueue_is_written_while_the_first_waits_f
 
         assert sizes == [1, 1], "two inserts out at once, each of its own job"
         opened.set()
-        assert (await first).args == [0]
-        assert second.args == [1]
-        assert sorted(job.args[0] for job in (await app.list_jobs()).jobs) == [0, 1]
+        stored = [await app.get_job(job.id) for job in (await first, second)]
+        assert [job.args for job in stored] == [[0], [1]]
     finally:
         await app.close()
+        await postgres.truncate(postgres_database)  # the database is the whole run's
 
 
 async def test_an_enqueue_cancelled_during_its_insert_leaves_those_behind_it_stored(app: Conveyor) -> None:

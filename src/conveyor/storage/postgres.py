@@ -68,7 +68,8 @@ class Listener:
 
     A dead listener would quietly turn instant wake-ups into slow polling, so it is checked
     every ``check_interval`` seconds and rebuilt with jittered backoff; every (re)connect also
-    fires ``on_connect``, so whatever was notified during the gap is looked for at once.
+    fires ``on_connect``, so whatever was notified during the gap is looked for at once, and so
+    does each channel taken up on a live connection (``add``).
     """
 
     def __init__(self, dsn: str, *, on_connect: Callable[[], None], check_interval: float = 5.0) -> None:
