@@ -566,6 +566,31 @@ async def test_acks_for_several_jobs_land_together_and_report_each(store: Store)
     assert (await get(store, two.id)).state is JobState.DEAD
 
 
+async def test_an_ack_alone_lands_as_the_same_ack_in_a_batch_does(store: Store) -> None:
+    # PostgreSQL sends a lone ack as a row of parameters, a batch as one JSON document.
+    await insert(store, *[new(args=[n]) for n in range(4)])
+    jobs = await claim(store)
+    now = T0 + timedelta(seconds=2)
+    alone, batched = jobs[:2], jobs[2:]
+
+    def acks(succeeded: Job, dead: Job) -> list[Ack]:
+        return [
+            ack_for(succeeded, JobState.SUCCEEDED, now=now, result={"ok": [1, None, 2**70]}),
+            ack_for(dead, JobState.DEAD, now=now, error=BOOM),
+        ]
+
+    for ack in acks(*alone):
+        assert await store.ack_jobs([ack], now=now) == {ack.job_id}
+    assert await store.ack_jobs(acks(*batched), now=now) == {job.id for job in batched}
+
+    def landed(job: Job) -> tuple[Any, ...]:
+        return (job.state, job.result, job.error, job.attempt, job.finished_at, job.updated_at, job.history)
+
+    for single, in_batch in zip(alone, batched, strict=True):
+        assert landed(await get(store, single.id)) == landed(await get(store, in_batch.id))
+    assert landed(await get(store, alone[0].id))[:2] == (JobState.SUCCEEDED, {"ok": [1, None, 2**70]})
+
+
 async def test_late_ack_from_an_old_lease_changes_nothing_and_is_not_applied(store: Store) -> None:
     await insert(store, new())
     stale = await claim_one(store, owner="w1#1")

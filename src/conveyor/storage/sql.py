@@ -798,7 +798,9 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                applied = await postgres.ack_in_one_statement(driven, self._ack_batch(acks, now), now)
+                applied = await postgres.ack_in_one_statement(
+                    driven, acks, now, functools.partial(self._ack_batch, acks, now)
+                )
             self._announce_finished(applied)
             return applied
         async with self._writing() as conn:
