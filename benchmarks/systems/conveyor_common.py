@@ -54,7 +54,8 @@ class ConveyorSystem(System):
 
     def configuration(self) -> dict[str, str]:
         return {
-            "general": f"{self.options['processes']} worker process(es) x concurrency {self.options['concurrency']} "
+            "general": f"`conveyor worker --processes {self.options['processes']}` (forked after start-up) x "
+            f"concurrency {self.options['concurrency']} "
             "(claims up to its free slots plus prefetch, at most "
             f"claim_batch_size={self.options['claim_batch']} at a time; "
             "prefetch default = min(concurrency, claim_batch_size)), "
@@ -98,12 +99,21 @@ class ConveyorSystem(System):
     def worker_spec(self, profile: str, concurrency: int) -> WorkerSpec:
         general = (self.options["processes"], self.options["concurrency"])
         processes, slots = general if profile == "general" else (1, concurrency)
+        # One command, as a user runs several worker processes on one machine: it forks them once
+        # it has started, so they all start claiming together.
         argv = python_module(
-            "conveyor", "worker", "--app", "benchmarks.systems.conveyor_common:app", "--concurrency", str(slots)
+            "conveyor",
+            "worker",
+            "--app",
+            "benchmarks.systems.conveyor_common:app",
+            "--concurrency",
+            str(slots),
+            "--processes",
+            str(processes),
         )
         env = {
             "CONVEYOR_DATABASE_URL": self.database_url,
             "CONVEYOR_LOG_LEVEL": "WARNING",
             "CONVEYOR_CLAIM_BATCH_SIZE": str(self.options["claim_batch"]),
         }
-        return WorkerSpec(argv, env, processes)
+        return WorkerSpec(argv, env)

@@ -1,6 +1,7 @@
 """Conveyor on PostgreSQL 15 (asyncpg; NOTIFY wakes idle workers; claims with FOR UPDATE SKIP LOCKED).
 
-General setup (W1, W2): 2 worker processes (one per core) x concurrency 1,000; claims take
+General setup (W1, W2): ``conveyor worker --processes 2`` (one per core, forked by the command
+once it has started, so both claim from the first moment) x concurrency 1,000; claims take
 ``min(free slots, claim_batch_size=1000)`` jobs; other settings default. Tuned on W1 with
 10,000 jobs, six runs each (medians): concurrency and claim batch 100 ran about 22,000 jobs/s,
 500 about 27,000, 1,000 about 29,000, concurrency 2,000 with batch 1,000 about 25,000 (an

@@ -77,6 +77,8 @@ def _exit_code(exc: ConveyorError) -> int:
     return EXIT_JOB_FAILED
 
 
+MAX_PORT = 65_535
+
 # The collector's youngest generation, for a long-running command once started (CPython's default: 700).
 GC_YOUNG_THRESHOLD = 10_000
 
@@ -293,7 +295,21 @@ def cli(database_url: str | None) -> None:
 @_with_app
 @click.option("--queues", "-q", help="Comma-separated queues to take jobs from (default: setting).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Jobs run at once (default: setting).")
-@click.option("--metrics-port", type=click.IntRange(0, 65_535), help="Serve Prometheus metrics on this port.")
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    envvar="CONVEYOR_WORKER_PROCESSES",
+    help="Worker processes, forked from this one and supervised by it; concurrency is per process "
+    "(env CONVEYOR_WORKER_PROCESSES).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, MAX_PORT),
+    help="Serve Prometheus metrics on this port (with --processes, worker N on this port + N).",
+)
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option(
     "--schedules/--no-schedules",
@@ -304,20 +320,73 @@ def worker(
     app: Conveyor,
     queues: str | None,
     concurrency: int | None,
+    processes: int,
     metrics_port: int | None,
     metrics_host: str,
     schedules: bool | None,
 ) -> None:
     """Run jobs until SIGTERM/SIGINT (a second signal stops at once)."""
-    from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
-
     queue_list = [name.strip() for name in queues.split(",") if name.strip()] if queues else None
     if queues is not None and not queue_list:
         raise click.BadParameter("give at least one queue name", param_hint="--queues")
     if not app.tasks:
         # It would claim jobs only to fail them as unknown tasks.
         _fail("the app has no tasks: point --app (or CONVEYOR_APP) at the module that defines them", EXIT_BAD_INPUT)
+    if metrics_port is not None and metrics_port + processes - 1 > MAX_PORT:
+        raise click.BadParameter(
+            f"worker {processes - 1} would serve on {metrics_port + processes - 1}, past {MAX_PORT}",
+            param_hint="--metrics-port",
+        )
     configure_logging(app.settings)
+    run = functools.partial(
+        _run_worker,
+        app,
+        queues=queue_list,
+        concurrency=concurrency,
+        schedules=schedules,
+        metrics_host=metrics_host,
+    )
+    if processes == 1:
+        run(metrics_port=metrics_port)
+        return
+    if not hasattr(os, "fork"):
+        _fail("--processes needs fork(), which this platform lacks: start one worker per process", EXIT_BAD_INPUT)
+    from conveyor.engine.processes import Supervisor  # noqa: PLC0415 - only this command forks
+
+    _load_worker_modules(app)
+
+    def run_forked(index: int, control: int) -> int:
+        run(metrics_port=None if metrics_port is None else metrics_port + index, control=control)
+        return 0
+
+    sys.exit(Supervisor(processes, run_forked).run())
+
+
+def _load_worker_modules(app: Conveyor) -> None:
+    """Import what a worker imports as it starts, so that forked workers find it loaded."""
+    from conveyor.engine import worker  # noqa: F401, PLC0415
+    from conveyor.storage import dialects, sql  # noqa: F401, PLC0415
+
+    if not app.settings.is_sqlite:
+        from sqlalchemy.dialects.postgresql import asyncpg  # noqa: F401, PLC0415
+
+        from conveyor.storage import postgres  # noqa: F401, PLC0415
+
+
+def _run_worker(
+    app: Conveyor,
+    *,
+    queues: list[str] | None,
+    concurrency: int | None,
+    schedules: bool | None,
+    metrics_host: str,
+    metrics_port: int | None,
+    control: int | None = None,
+) -> None:
+    """One worker process, until stopped; ``control``: the supervisor's pipe, in a forked worker."""
+    from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
+
+    # Here, in the process that runs jobs: an exporter's thread would not survive a fork.
     configure_tracing(app.settings)
 
     async def run() -> None:
@@ -336,7 +405,12 @@ def worker(
         try:
             await app.store()
             settle_heap()
-            await Worker(app, queues=queue_list, concurrency=concurrency, schedules=schedules).run(handle_signals=True)
+            worker = Worker(app, queues=queues, concurrency=concurrency, schedules=schedules)
+            if control is not None:
+                from conveyor.engine.processes import follow_supervisor  # noqa: PLC0415 - forked workers only
+
+                follow_supervisor(control, worker)
+            await worker.run(handle_signals=True)
         finally:
             if metrics_server is not None and serving is not None:
                 metrics_server.should_exit = True
@@ -794,7 +868,7 @@ def _is_loopback(host: str) -> bool:
 @cli.command()
 @_with_app
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65_535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, MAX_PORT))
 @click.option("--no-worker", is_flag=True, help="Serve the API only; run workers elsewhere.")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), help="Embedded worker's jobs at once.")
 @click.option("--insecure", is_flag=True, help="Allow serving without API tokens on a non-loopback address.")

@@ -94,6 +94,11 @@ def test_app_module_meeting_a_bad_database_url_exits_2_and_touches_no_database(
         (["--queues", ""], "Invalid value for --queues: give at least one queue name"),
         (["--queues", " , "], "Invalid value for --queues: give at least one queue name"),
         (["--concurrency", "0"], "Invalid value for '--concurrency' / '-c': 0 is not in the range 1<=x<=10000"),
+        (["--processes", "0"], "Invalid value for '--processes' / '-p': 0 is not in the range 1<=x<=256"),
+        (
+            ["--processes", "3", "--metrics-port", "65534"],
+            "Invalid value for --metrics-port: worker 2 would serve on 65536, past 65535",
+        ),
     ],
 )
 def test_worker_bad_options_are_a_usage_error(database_url: str, options: list[str], message: str) -> None:

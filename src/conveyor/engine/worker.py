@@ -124,6 +124,7 @@ class Worker:
         # Made here, not in run(): a stop() that comes before run() starts must still count.
         self._stopping = asyncio.Event()
         self._immediate = asyncio.Event()
+        self._signalled = False
         self._changed: asyncio.Event | None = None
         # Set when jobs may have become due that no notification announces (see `_wait_for_work`).
         self._news: asyncio.Event | None = None
@@ -147,6 +148,11 @@ class Worker:
         self._stopping.set()
         self._wake(news=True)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for; the run may still be finishing its jobs."""
+        return self._stopping.is_set()
+
     def _wake(self, *, news: bool = False) -> None:
         if self._changed is not None:
             self._changed.set()
@@ -157,9 +163,13 @@ class Worker:
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        immediate = self._stopping.is_set()
+        # Only a second signal skips the grace period. A stop asked for otherwise (a supervisor's,
+        # which may come just before the same signal reaches this process directly) does not count.
+        immediate = self._signalled
+        self._signalled = True
         logger.info("worker.signal", signal=name, immediate=immediate, running=len(self._running))
-        self.stop(immediate=immediate)
+        if immediate or not self._stopping.is_set():
+            self.stop(immediate=immediate)
 
     # -- the run ------------------------------------------------------------------------
 
