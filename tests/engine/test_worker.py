@@ -4,6 +4,7 @@ import asyncio
 import collections
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -654,37 +655,40 @@ async def test_jobs_in_flight_counts_the_running_not_the_prefetched(app: Conveyo
 
 
 class _ClaimSpy:
-    """Wraps the store's claim to count the claims out at once; ``hold_from`` holds back that claim
-    and every later one until ``release`` is set (``held_two`` is set once two are held)."""
+    """Wraps the store's claim to count the claims out at once, and what ``progress`` says as each
+    goes out; ``hold_from`` holds back that claim and every later one until ``release`` is set
+    (``holding`` is set once one is held)."""
 
-    def __init__(self, fetch_jobs: Any, *, hold_from: int | None = None) -> None:
+    def __init__(
+        self, fetch_jobs: Any, *, hold_from: int | None = None, progress: Callable[[], int] = lambda: 0
+    ) -> None:
         self._fetch_jobs = fetch_jobs
         self._hold_from = hold_from
+        self._progress = progress
         self.calls = 0
         self.out = 0
         self.most_out = 0
-        self.held = 0
-        self.held_two = asyncio.Event()
+        self.progress_at_call: list[int] = []
+        self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
     async def __call__(self, **claim: Any) -> Any:
         self.calls += 1
+        self.progress_at_call.append(self._progress())
         self.out += 1
         self.most_out = max(self.most_out, self.out)
         try:
             if self._hold_from is not None and self.calls >= self._hold_from:
-                self.held += 1
-                if self.held == 2:
-                    self.held_two.set()
+                self.holding.set()
                 await self.release.wait()
             return await self._fetch_jobs(**claim)
         finally:
             self.out -= 1
 
 
-async def _most_claims_out(app: Conveyor, monkeypatch: pytest.MonkeyPatch, jobs: int) -> int:
-    """Drain ``jobs`` jobs with a worker of concurrency 5, checking each ran once; return the most
-    claims that were out at the same time."""
+async def _drained(app: Conveyor, monkeypatch: pytest.MonkeyPatch, jobs: int) -> _ClaimSpy:
+    """Drain ``jobs`` jobs with a worker of concurrency 5, checking each ran once; return the spy
+    on its claims, whose progress is the number of jobs started."""
     ran: list[int] = []
 
     @app.task
@@ -693,14 +697,14 @@ async def _most_claims_out(app: Conveyor, monkeypatch: pytest.MonkeyPatch, jobs:
 
     try:
         store = await app.store()
-        spy = _ClaimSpy(store.fetch_jobs)
+        spy = _ClaimSpy(store.fetch_jobs, progress=lambda: len(ran))
         monkeypatch.setattr(store, "fetch_jobs", spy)
         await app.enqueue_many([note.job(number) for number in range(jobs)])
         await Worker(app, concurrency=5).run(drain=True)
     finally:
         await app.close()
     assert sorted(ran) == list(range(jobs))
-    return spy.most_out
+    return spy
 
 
 async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_start(
@@ -708,8 +712,12 @@ async def test_while_claims_come_back_full_the_next_go_out_before_their_jobs_sta
 ) -> None:
     app = Conveyor(database_url=database_url, claim_batch_size=5, poll_interval_seconds=0.05)
 
-    # Capacity is 5 slots plus 5 prefetched: two claims of 5 fit in it at once, never three.
-    assert await _most_claims_out(app, monkeypatch, 60) == 2
+    spy = await _drained(app, monkeypatch, 60)
+
+    # The second claim went out as the first came back full, before any of its five jobs started.
+    assert spy.progress_at_call[:2] == [0, 0]
+    # Capacity is 5 slots plus 5 prefetched: a claim of 5 out while 5 run, never more.
+    assert spy.most_out == 1
 
 
 async def test_a_worker_under_a_queue_limit_sends_one_claim_at_a_time(
@@ -718,7 +726,7 @@ async def test_a_worker_under_a_queue_limit_sends_one_claim_at_a_time(
     # A limited claim counts the jobs its workers lease as running: it cannot run ahead of them.
     app = Conveyor(database_url=database_url, claim_batch_size=5, queue_limits={"default": 50})
 
-    assert await _most_claims_out(app, monkeypatch, 30) == 1
+    assert (await _drained(app, monkeypatch, 30)).most_out == 1
 
 
 async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
@@ -732,12 +740,12 @@ async def test_jobs_of_a_claim_still_out_at_shutdown_are_handed_back_unrun(
 
     try:
         store = await app.store()
-        # The first claim comes back full; the two sent after it are held until the worker stops.
+        # The first claim comes back full; the one sent after it is held until the worker stops.
         spy = _ClaimSpy(store.fetch_jobs, hold_from=2)
         monkeypatch.setattr(store, "fetch_jobs", spy)
         jobs = await app.enqueue_many([quick.job() for _ in range(30)])
         async with running_worker(app, concurrency=5) as worker:
-            await asyncio.wait_for(spy.held_two.wait(), 10)
+            await asyncio.wait_for(spy.holding.wait(), 10)
             worker.stop()
             spy.release.set()
         finals = [await app.get_job(job.id) for job in jobs]
