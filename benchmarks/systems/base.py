@@ -182,8 +182,11 @@ class WorkerGroup:
 class Sink:
     """The file that tasks append one byte to; its size is the number of jobs done.
 
-    The harness waits on inotify (Linux) for the file to change, so it wakes within microseconds
-    of a task's write and spends no CPU between writes; elsewhere it polls every millisecond.
+    For W2 the harness waits on inotify (Linux) for the file to change, so it wakes within
+    microseconds of a task's write and spends no CPU between writes. W1 and W3 need no finer clock
+    than a millisecond, and there it looks at the file's size every millisecond instead: a watch
+    costs each write a kernel event and the harness a wake-up, which at 30,000 writes a second
+    took about 15 % off the fastest system's W1 here (Conveyor's; PgQueuer's 4 %).
     """
 
     def __init__(self, path: Path) -> None:
@@ -198,12 +201,12 @@ class Sink:
     ) -> tuple[float, float]:
         """Wait until ``target`` jobs are done; return when the first new one and the last were seen.
 
-        ``min_interval`` spaces out the looks (W1 sees thousands of writes a second and needs no
-        finer clock than a millisecond; W2 takes every wake-up).
+        ``min_interval``: look every so often rather than at each write (W1 and W3: 1 ms); 0
+        watches the file and takes every wake-up (W2).
         """
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        watch = _Inotify.open(self.path)
+        watch = None if min_interval else _Inotify.open(self.path)
         if watch is not None:
             loop.add_reader(watch.fd, lambda: (watch.drain(), changed.set()))
         start = self.count()
@@ -221,13 +224,11 @@ class Sink:
                     raise TimeoutError(f"{done} of {target} jobs done after {timeout:.0f} s")
                 group.check()
                 if watch is None:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(min_interval or 0.001)
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), 0.1)
                 changed.clear()
-                if min_interval and first is not None:
-                    await asyncio.sleep(min_interval)
         finally:
             if watch is not None:
                 loop.remove_reader(watch.fd)
