@@ -18,7 +18,7 @@ Workloads, identical for every system (see ``benchmarks/systems/base.py``):
   the next; enqueue-to-completion p50 and p99.
 - W3 I/O concurrency: ``--io-jobs`` jobs that each sleep 50 ms, ``--io-concurrency`` at a time;
   wall time (from the first enqueue to the last job done) against the ideal.
-- W5 scaling: W1 on Conveyor-on-PostgreSQL with 1, 2 and 4 worker processes.
+- W5 scaling: W1 on Conveyor-on-PostgreSQL with 1, 2, 3 and 4 worker processes.
 - The floor: W1's cycle in raw SQL (asyncpg, SKIP LOCKED; sqlite3), the storage limit.
 - W4 (HTTP) is measured separately; ``EXTRA_WORKLOADS`` below is its hook.
 
@@ -52,7 +52,7 @@ from benchmarks.systems.base import Env, NotApplicableError, System, Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "results.json"
-SCALING_PROCESSES = (1, 2, 4)
+SCALING_PROCESSES = (1, 2, 3, 4)
 QUIET_LOAD = 0.5
 
 EXTRA_WORKLOADS: dict[str, Callable[[System, argparse.Namespace], Awaitable[dict[str, Any]]]] = {}

@@ -6,6 +6,8 @@ General setup (W1, W2): 2 worker processes (one per core), batch size 1,000, dur
 tasks 100, batch size 50 (at most half the cap, pgqueuer requires) (asyncio.sleep). Tuned on W1
 with 10,000 jobs, six runs each (medians): batch size 100 ran about 18,000 jobs/s, 500 about
 25,000, 1,000 about 26,000 (an earlier tuning with 5,000 jobs had the default 10 at 2,648).
+Processes, medians of four runs (2026-12-01): 2 about 27,700 jobs/s, 3 about 26,200, 4 about
+24,000.
 
 Workers run ``pgqueuer.run(factory, ...)``, the library's own equivalent of ``pgq run``: with
 typer 0.29 the ``pgq run`` command fails before starting (its ``--log-level`` parser hands a
