@@ -54,8 +54,7 @@ class ConveyorSystem(System):
 
     def configuration(self) -> dict[str, str]:
         return {
-            "general": f"`conveyor worker --processes {self.options['processes']}` (forked after start-up) x "
-            f"concurrency {self.options['concurrency']} "
+            "general": f"{self._processes_described()} x concurrency {self.options['concurrency']} "
             "(claims up to its free slots plus prefetch, at most "
             f"claim_batch_size={self.options['claim_batch']} at a time; "
             "prefetch default = min(concurrency, claim_batch_size)), "
@@ -63,6 +62,12 @@ class ConveyorSystem(System):
             "task.enqueue()",
             "io": "1 worker process x concurrency 100, async task (asyncio.sleep)",
         }
+
+    def _processes_described(self) -> str:
+        processes = self.options["processes"]
+        if processes == 1:
+            return "1 worker process"
+        return f"`conveyor worker --processes {processes}` (forked after start-up)"
 
     async def prepare(self) -> None:
         await super().prepare()
