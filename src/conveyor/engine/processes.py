@@ -44,6 +44,8 @@ GRACEFUL = b"g"
 IMMEDIATE = b"i"
 """Sent down a worker's pipe: stop now, handing running jobs back."""
 
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
 RESTART_DELAY_SECONDS = 1.0
 """Pause before a killed worker is replaced: one killed again and again costs a fork a second, not a busy CPU."""
 
@@ -81,9 +83,11 @@ class Supervisor:
         # What start-up made is shared with the workers and never collected: left to the
         # collector, its first walk in each worker would copy every page it touches.
         gc.freeze()
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in _STOP_SIGNALS}
         try:
             for index in range(self.count):
+                if self._stopping:  # a stop that came while the first workers started
+                    break
                 self._start(index)
             while self._processes:
                 pid, status = os.wait()
@@ -101,9 +105,15 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the forked worker, which ends by os._exit
-            os._exit(self._in_worker(index, read_end, write_end))
+        # Held back across the fork: a stop signal arriving in between would otherwise run this
+        # process's handler in the worker. Each side takes it once its own handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the forked worker, which ends by os._exit
+                os._exit(self._in_worker(index, read_end, write_end))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         os.close(read_end)
         self._processes[pid] = _Process(index=index, control=write_end)
         logger.info("worker.process_started", pid=pid, index=index)
@@ -111,8 +121,9 @@ class Supervisor:
     def _in_worker(self, index: int, read_end: int, write_end: int) -> int:  # pragma: no cover - forked
         # The parent's handlers would forward signals to workers this copy of it does not own;
         # the worker installs its own on its event loop.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         os.close(write_end)
         # Another worker's pipe held open here would never report that worker's parent gone.
         for other in self._processes.values():
