@@ -99,10 +99,6 @@ class Supervisor:
                 signal.signal(signum, handler)
         return self._exit_code
 
-    @property
-    def pids(self) -> list[int]:
-        return list(self._processes)
-
     def _start(self, index: int) -> None:
         read_end, write_end = os.pipe()
         # Held back across the fork: a stop signal arriving in between would otherwise run this
