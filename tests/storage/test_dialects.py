@@ -45,7 +45,7 @@ RECORDS = [
 
 @pytest.mark.parametrize("value", RECORDS, ids=repr)
 def test_an_ack_writes_records_and_errors_as_their_to_json(value: AttemptRecord | JobError) -> None:
-    # The ack statements hand the dataclasses to dumps as they are (SqlStore._ack_batch); what
+    # The ack statements hand the dataclasses to dumps as they are (dialects.postgres_ack_batch); what
     # lands in the history must be what to_json builds and from_json reads back.
     assert orjson.loads(dialects.dumps(value)) == value.to_json()
     # With an integer over 64 bits in the batch (a result), the standard library writes it all.

@@ -65,7 +65,8 @@ async def test_postgres_lookups_by_id_of_running_jobs_use_the_primary_key(
     store, claimed = running
     plans = {name: await _postgres_plan(store, operation) for name, operation in _operations(store, claimed).items()}
     acks = [_ack(job) for job in claimed[:5]]
-    plans["ack batch"] = await _explain(store, pg._ACK_SQL, (T0, pg.FINISHED_CHANNEL, SqlStore._ack_batch(acks, T0)))
+    batch = dialects.postgres_ack_batch(acks, T0)
+    plans["ack batch"] = await _explain(store, pg._ACK_SQL, (T0, pg.FINISHED_CHANNEL, batch))
     alone = (T0, pg.FINISHED_CHANNEL, claimed[0].id, "succeeded", None, None, None, 0, "{}", "w#1")
     plans["ack alone"] = await _explain(store, pg._SINGLE_ACK_SQL, alone)
     plans["reads of jobs"] = await _explain(store, pg._GET_SQL, ([job.id for job in claimed[:5]],))

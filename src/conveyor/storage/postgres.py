@@ -24,7 +24,7 @@ import structlog
 
 from conveyor.background import Background
 from conveyor.jobs import Ack, AttemptRecord, Job, JobError, JobState, fast_constructor
-from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads
+from conveyor.storage.dialects import POSTGRES_BULK_ACK_AND_NOTIFY, dumps, loads, postgres_ack_batch
 
 logger = structlog.get_logger("conveyor.storage")
 
@@ -743,13 +743,12 @@ _SINGLE_ACK_SQL = (
 )
 
 
-async def ack_in_one_statement(connection: Any, acks: Sequence[Ack], now: Any, batch: Callable[[], str]) -> set[str]:
+async def ack_in_one_statement(connection: Any, acks: Sequence[Ack], now: Any) -> set[str]:
     """Finish jobs and announce them, in one autocommit statement; return the ids that landed.
 
-    Every ack must finish its job outside any workflow. ``batch`` makes the acks one JSON array
-    (``SqlStore._ack_batch``), for more than one. Sent straight to the driver: the statement is
-    fixed, and going through SQLAlchemy's text construct would cost more per batch than the
-    server spends on it.
+    Every ack must finish its job outside any workflow. Sent straight to the driver: the
+    statement is fixed, and going through SQLAlchemy's text construct would cost more per batch
+    than the server spends on it.
     """
     if len(acks) == 1:
         ack = acks[0]
@@ -767,5 +766,5 @@ async def ack_in_one_statement(connection: Any, acks: Sequence[Ack], now: Any, b
             ack.lease_owner,
         )
     else:
-        found = await connection.fetch(_ACK_SQL, now, FINISHED_CHANNEL, batch())
+        found = await connection.fetch(_ACK_SQL, now, FINISHED_CHANNEL, postgres_ack_batch(acks, now))
     return {record[0] for record in found}

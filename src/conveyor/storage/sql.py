@@ -743,7 +743,7 @@ class SqlStore:
                 "run_at": _sqlite_time(ack.run_at),
                 "finished_at": _sqlite_time(now) if ack.state in FINISHED_STATES else None,
                 "delta": ack.attempt_delta,
-                # As in _ack_batch: the JSON writer turns the dataclasses into their to_json() objects.
+                # As in dialects.postgres_ack_batch: the JSON writer turns the dataclasses into their to_json() objects.
                 "entry": _json_text(ack.record),
             }
             for ack in acks
@@ -753,33 +753,9 @@ class SqlStore:
 
     async def _apply_acks_at_once(self, conn: AsyncConnection, acks: Sequence[Ack], now: datetime) -> set[str]:
         """Every ack of the batch in one statement: one round trip however large the batch."""
-        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {"batch": self._ack_batch(acks, now), "now": now})
+        batch = dialects.postgres_ack_batch(acks, now)
+        rows = await conn.execute(dialects.POSTGRES_BULK_ACK, {"batch": batch, "now": now})
         return set(rows.scalars())
-
-    @staticmethod
-    def _ack_batch(acks: Sequence[Ack], now: datetime) -> str:
-        """The acks as one JSON array, for PostgreSQL's ack statement (JSON values nested, times ISO).
-
-        The attempt record and the error go in as they are: the JSON writer turns the dataclasses
-        into the objects their ``to_json`` would build (same keys, ISO times), in C. Building those
-        dicts in Python took 4.2 of the 6.8 µs a job spent here.
-        """
-        return dialects.dumps(
-            [
-                {
-                    "id": ack.job_id,
-                    "owner": ack.lease_owner,
-                    "state": ack.state.value,
-                    "result": ack.result,
-                    "error": ack.error,
-                    "run_at": ack.run_at,
-                    "finished_at": now if ack.state in FINISHED_STATES else None,
-                    "delta": ack.attempt_delta,
-                    "entry": ack.record,
-                }
-                for ack in acks
-            ]
-        )
 
     @_guarded
     async def ack_jobs(self, acks: Sequence[Ack], *, now: datetime) -> set[str]:
@@ -798,9 +774,7 @@ class SqlStore:
             from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
 
             async with self._driven() as driven:
-                applied = await postgres.ack_in_one_statement(
-                    driven, acks, now, functools.partial(self._ack_batch, acks, now)
-                )
+                applied = await postgres.ack_in_one_statement(driven, acks, now)
             self._announce_finished(applied)
             return applied
         async with self._writing() as conn:
