@@ -21,8 +21,6 @@ from conveyor.correlation import HEADER, current_correlation_id
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0)
 
-_client: contextvars.ContextVar[httpx.AsyncClient | None] = contextvars.ContextVar("conveyor_http", default=None)
-
 
 def outgoing_headers() -> dict[str, str]:
     """Headers that tie an outgoing call to the work in hand; for clients of your own."""
@@ -47,13 +45,44 @@ def create_client(**options: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(event_hooks=hooks, **options)
 
 
+class SharedClient:
+    """One worker's client for its tasks, made when a task first asks for it.
+
+    Making a client loads the system's certificate store: 0.1 to 0.2 s of CPU for each worker
+    process here, paid at start-up by every worker when made eagerly, and by the jobs already
+    running in the other processes of ``conveyor worker --processes N``. Most workers' tasks
+    never call out.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def made(self) -> bool:
+        return self._client is not None
+
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = create_client(**self._options)
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+_client: contextvars.ContextVar[SharedClient | None] = contextvars.ContextVar("conveyor_http", default=None)
+
+
 def current_client() -> httpx.AsyncClient:
     client = _client.get()
     if client is None:
         raise RuntimeError("ctx.http is there while a worker runs the task (async tasks)")
-    return client
+    return client.get()
 
 
-def use_client(client: httpx.AsyncClient) -> None:
+def use_client(client: SharedClient) -> None:
     """Make ``client`` the one ``ctx.http`` gives, in the current context (the attempt's task)."""
     _client.set(client)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 import structlog
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
@@ -50,7 +49,7 @@ class Executor:
         cpu_pool: CpuPool,
         events: Events,
         clock: Callable[[], datetime],
-        http: httpx.AsyncClient | None = None,
+        http: outgoing.SharedClient | None = None,
     ) -> None:
         self._tasks = tasks
         self._worker_id = worker_id

@@ -187,7 +187,7 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
         cpu_pool = CpuPool(self.settings.cpu_workers, log_level=self.settings.log_level)
-        http = outgoing.create_client()
+        http = outgoing.SharedClient()
         executor = self._executor = Executor(
             self.app.get_task,
             worker_id=self.id,
