@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Generator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import orjson
@@ -48,6 +48,9 @@ from conveyor.metrics import CONTENT_TYPE
 from conveyor.schedules import ScheduleStatus
 from conveyor.tokens import NewToken, Scope, create_token
 from conveyor.tracing import configure_tracing
+
+if TYPE_CHECKING:
+    from conveyor.engine.processes import ListeningTurn
 from conveyor.workflows import Workflow, WorkflowState
 
 T = TypeVar("T")
@@ -351,15 +354,22 @@ def worker(
         return
     if not hasattr(os, "fork"):
         _fail("--processes needs fork(), which this platform lacks: start one worker per process", EXIT_BAD_INPUT)
-    from conveyor.engine.processes import Supervisor  # noqa: PLC0415 - only this command forks
+    from conveyor.engine.processes import ListeningTurn, Supervisor  # noqa: PLC0415 - only this command forks
 
     _load_worker_modules(app)
 
+    turn = None if app.settings.is_sqlite else ListeningTurn()
+
     def run_forked(index: int, control: int) -> int:
-        run(metrics_port=None if metrics_port is None else metrics_port + index, control=control)
+        run(metrics_port=None if metrics_port is None else metrics_port + index, control=control, turn=turn)
         return 0
 
-    sys.exit(Supervisor(processes, run_forked).run())
+    try:
+        code = Supervisor(processes, run_forked, turn=turn).run()
+    finally:
+        if turn is not None:
+            turn.close()
+    sys.exit(code)
 
 
 def _load_worker_modules(app: Conveyor) -> None:
@@ -382,8 +392,12 @@ def _run_worker(
     metrics_host: str,
     metrics_port: int | None,
     control: int | None = None,
+    turn: ListeningTurn | None = None,
 ) -> None:
-    """One worker process, until stopped; ``control``: the supervisor's pipe, in a forked worker."""
+    """One worker process, until stopped.
+
+    In a forked worker: ``control`` is the supervisor's pipe, ``turn`` the workers' listening turn.
+    """
     from conveyor.engine.worker import Worker, threads_still_running  # noqa: PLC0415 - only this command runs jobs
 
     # Here, in the process that runs jobs: an exporter's thread would not survive a fork.
@@ -405,7 +419,7 @@ def _run_worker(
         try:
             await app.store()
             settle_heap()
-            worker = Worker(app, queues=queues, concurrency=concurrency, schedules=schedules)
+            worker = Worker(app, queues=queues, concurrency=concurrency, schedules=schedules, listening_turn=turn)
             if control is not None:
                 from conveyor.engine.processes import follow_supervisor  # noqa: PLC0415 - forked workers only
 

@@ -7,16 +7,17 @@ import collections
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from tests.support import postgres
 from tests.support import tasks as support
 from tests.support.processes import WorkerProcess
 from tests.support.waiting import eventually
 
-from conveyor import Conveyor, JobState
-from conveyor.engine.processes import GRACEFUL, IMMEDIATE, follow_supervisor
+from conveyor import Conveyor, Job, JobState
+from conveyor.engine.processes import GRACEFUL, IMMEDIATE, ListeningTurn, follow_supervisor
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="forked workers, watched through /proc"),
@@ -39,14 +40,14 @@ def supervisors(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
 
 
 def _start(
-    supervisors: list[WorkerProcess], tmp_path: Path, database_url: str, **settings: str
+    supervisors: list[WorkerProcess], tmp_path: Path, database_url: str, processes: int = 2, **settings: str
 ) -> tuple[WorkerProcess, list[int]]:
-    """``conveyor worker --processes 2``, once both workers have started; and the workers' pids."""
+    """``conveyor worker --processes N``, once all N workers have started; and the workers' pids."""
     supervisor = WorkerProcess(
-        tmp_path / f"supervisor-{len(supervisors)}.log", database_url, ["--processes", "2"], **settings
+        tmp_path / f"supervisor-{len(supervisors)}.log", database_url, ["--processes", str(processes)], **settings
     )
     supervisors.append(supervisor)
-    _wait_for_events(supervisor, "worker.started", 2)
+    _wait_for_events(supervisor, "worker.started", processes)
     return supervisor, _worker_pids(supervisor)
 
 
@@ -215,3 +216,133 @@ async def test_a_forked_worker_stops_gracefully_when_its_supervisor_is_gone() ->
         assert worker.requests == [False]
     finally:
         os.close(read_end)
+
+
+# -- the listening turn (PostgreSQL) -----------------------------------------------------------
+# Each of these workers looks for jobs by itself only once a minute: a job that starts sooner was
+# announced to the one process listening, or handed on by it.
+_DEAF = "60"
+
+
+@pytest.fixture
+async def pg_app(postgres_database: str) -> AsyncIterator[Conveyor]:
+    postgres.run_sync(postgres.truncate(postgres_database))
+    app = Conveyor(database_url=postgres_database)
+    yield app
+    await app.close()
+
+
+def _ran_in(job: Job) -> int:
+    worker = job.history[-1].worker
+    assert worker is not None
+    return int(worker.split(":")[1])
+
+
+@pytest.mark.postgres
+async def test_one_idle_worker_process_listens_and_takes_jobs_that_come_one_by_one(
+    tmp_path: Path, postgres_database: str, supervisors: list[WorkerProcess], pg_app: Conveyor
+) -> None:
+    noop = pg_app.task(name="noop")(support.noop.fn)
+    supervisor, pids = _start(supervisors, tmp_path, postgres_database, 3, concurrency="4", poll_interval_seconds=_DEAF)
+
+    finished = [await pg_app.wait_for_job((await noop.enqueue(n)).id, timeout=30) for n in range(6)]
+
+    assert [job.result for job in finished] == list(range(6))
+    listener = {_ran_in(job) for job in finished}
+    assert len(listener) == 1, "one process was woken for each job, not all three"
+    assert listener < set(pids)
+    assert supervisor.stop() == 0
+
+
+@pytest.mark.postgres
+async def test_a_listening_worker_process_with_more_than_it_takes_wakes_the_others(
+    tmp_path: Path, postgres_database: str, supervisors: list[WorkerProcess], pg_app: Conveyor
+) -> None:
+    noop = pg_app.task(name="noop")(support.noop.fn)
+    slow_effect = pg_app.task(name="slow_effect")(support.slow_effect.fn)
+    supervisor, pids = _start(
+        supervisors,
+        tmp_path,
+        postgres_database,
+        3,
+        concurrency="2",
+        claim_batch_size="2",
+        poll_interval_seconds=_DEAF,
+    )
+    await pg_app.wait_for_job((await noop.enqueue(0)).id, timeout=30)  # one of them listens now
+
+    burst = await pg_app.enqueue_many([slow_effect.job(0.3) for _ in range(12)])
+
+    finished = [await pg_app.wait_for_job(job.id, timeout=30) for job in burst]
+    assert {job.state for job in finished} == {JobState.SUCCEEDED}
+    assert {_ran_in(job) for job in finished} == set(pids), "each process took a share of the burst"
+    assert supervisor.stop() == 0
+
+
+@pytest.mark.postgres
+async def test_when_the_listening_worker_process_is_killed_another_listens_at_once(
+    tmp_path: Path, postgres_database: str, supervisors: list[WorkerProcess], pg_app: Conveyor
+) -> None:
+    noop = pg_app.task(name="noop")(support.noop.fn)
+    supervisor, pids = _start(supervisors, tmp_path, postgres_database, 2, poll_interval_seconds=_DEAF)
+    listener = _ran_in(await pg_app.wait_for_job((await noop.enqueue(1)).id, timeout=30))
+
+    os.kill(listener, signal.SIGKILL)
+    _wait_for_events(supervisor, "worker.process_killed", 1)
+    job = await pg_app.wait_for_job((await noop.enqueue(2)).id, timeout=30)
+
+    # The replacement starts a second later; the other worker heard of the job long before.
+    (survivor,) = set(pids) - {listener}
+    assert (job.result, _ran_in(job)) == (2, survivor)
+    assert supervisor.stop() == 0
+
+
+def _in_child(turn: ListeningTurn, took: int, release: int) -> int:  # pragma: no cover - runs forked
+    os.write(took, b"y" if turn.take() else b"n")
+    os.read(release, 1)
+    return 0
+
+
+async def test_the_listening_turn_is_held_by_one_process_at_a_time_and_freed_when_it_dies() -> None:
+    turn = ListeningTurn()
+    took_read, took_write = os.pipe()
+    release_read, release_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(_in_child(turn, took_write, release_read))
+    try:
+        assert os.read(took_read, 1) == b"y"
+        assert not turn.take(), "the other process holds it"
+        os.write(release_write, b"x")
+        os.waitpid(pid, 0)
+        assert turn.take(), "the kernel freed it with its holder"
+        assert turn.take(), "held already"
+        turn.give_up()
+        assert not turn.held
+    finally:
+        turn.close()
+        for end in (took_read, took_write, release_read, release_write):
+            os.close(end)
+
+
+async def test_a_worker_waiting_for_the_turn_wakes_on_a_poke_but_not_on_one_it_forgot() -> None:
+    turn = ListeningTurn()
+    news = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        turn.poke()
+        turn.forget_pokes()
+
+        started = loop.time()
+        await turn.wait_for_poke(0.05, news)
+        assert loop.time() - started >= 0.04, "an old poke was forgotten: the wait ran to its timeout"
+
+        waiting = asyncio.create_task(turn.wait_for_poke(30, news))
+        turn.poke()
+        await asyncio.wait_for(waiting, 10)
+
+        waiting = asyncio.create_task(turn.wait_for_poke(30, news))
+        news.set()
+        await asyncio.wait_for(waiting, 10)
+    finally:
+        turn.close()

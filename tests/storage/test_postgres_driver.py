@@ -389,3 +389,28 @@ async def test_a_store_listening_for_finished_jobs_hears_of_enqueues_once_it_wai
         assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
     finally:
         await other.close()
+
+
+async def test_a_store_that_stops_listening_gives_up_the_channel_until_it_waits_again(
+    store: Store, postgres_database: str
+) -> None:
+    other = await open_store(Settings(database_url=postgres_database))
+    try:
+        await settle(store)
+        listener = _listener_of(store)
+
+        store.stop_listening()
+        await eventually(lambda: _true(pg.JOBS_CHANNEL not in listener.listening), timeout=30, interval=0.005)
+        await store.wait_for_jobs(0)  # listens again, and wakes at once for what came meanwhile
+        await _listening_on(store, pg.JOBS_CHANNEL)
+        await asyncio.wait_for(store.wait_for_jobs(30), 10)
+        waiting = asyncio.create_task(store.wait_for_jobs(30))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        await other.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+        await waiting
+
+        assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
+    finally:
+        await other.close()

@@ -17,6 +17,7 @@ The parent process only supervises:
   engine): every copy would fail alike, so the whole command stops, with that worker's exit code,
   and leaves restarting to whatever runs it (systemd, Kubernetes).
 - A worker whose parent is gone (killed outright) finds its pipe closed and stops as on SIGTERM.
+- On PostgreSQL, one idle worker at a time listens for new jobs (see ``ListeningTurn``).
 
 Unix only: the workers are forked, which is what makes them start at once.
 """
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -50,6 +53,82 @@ RESTART_DELAY_SECONDS = 1.0
 """Pause before a killed worker is replaced: one killed again and again costs a fork a second, not a busy CPU."""
 
 
+class ListeningTurn:
+    """Which idle worker of a command listens for new jobs: one at a time, made before the forks.
+
+    With every worker listening, each enqueue woke every worker process and the server backend
+    serving each, all of them claimed the job, and all but one came back empty: with three
+    processes on two cores, one job's enqueue to completion took 2.0 to 2.8 ms (1.7 to 1.9 with
+    one listening). A worker holds the turn while it waits for work and still has room; it
+    hands it on once it has plenty to run (a claim that came back full, or half its concurrency
+    busy). The turn is a lock on a file the workers share, which the kernel frees when its holder
+    dies; giving it up (and any full claim) writes to a pipe that waiting workers watch, so the
+    next one claims at once. A worker without the turn otherwise looks for jobs every poll
+    interval.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - open for the command's whole life
+        self._poke_read, self._poke_write = os.pipe()
+        os.set_blocking(self._poke_read, False)
+        os.set_blocking(self._poke_write, False)
+        self.held = False
+
+    def take(self) -> bool:
+        """Take the turn if no other worker holds it; return whether this one holds it now."""
+        if not self.held:
+            try:
+                fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            self.held = True
+        return True
+
+    def give_up(self) -> None:
+        """Let another worker listen, and wake one that waits so that it claims what is due."""
+        if self.held:
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
+            self.held = False
+            self.poke()
+
+    def poke(self) -> None:
+        """Wake a waiting worker: more jobs are due than this one took."""
+        with contextlib.suppress(BlockingIOError):  # a full pipe holds wake-ups enough
+            os.write(self._poke_write, b"p")
+
+    def forget_pokes(self) -> None:
+        """Drop wake-ups from before this worker last claimed: it has seen what they announced."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._poke_read, 512):
+                pass
+
+    def close(self) -> None:
+        self._file.close()
+        os.close(self._poke_read)
+        os.close(self._poke_write)
+
+    async def wait_for_poke(self, timeout: float, news: asyncio.Event) -> None:
+        """Return when woken by another worker, when ``news`` is set, or after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        poked = loop.create_future()
+
+        def on_poke() -> None:
+            try:
+                os.read(self._poke_read, 1)
+            except BlockingIOError:  # another worker took this wake-up
+                return
+            if not poked.done():
+                poked.set_result(None)
+
+        loop.add_reader(self._poke_read, on_poke)
+        news_set = asyncio.ensure_future(news.wait())
+        try:
+            await asyncio.wait({poked, news_set}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(self._poke_read)
+            news_set.cancel()
+
+
 class Stoppable(Protocol):
     @property
     def stopping(self) -> bool: ...
@@ -68,11 +147,17 @@ class Supervisor:
     """Forks ``count`` workers, each running ``run_worker(index, control_fd)`` and exiting with its return value."""
 
     def __init__(
-        self, count: int, run_worker: Callable[[int, int], int], *, restart_delay: float = RESTART_DELAY_SECONDS
+        self,
+        count: int,
+        run_worker: Callable[[int, int], int],
+        *,
+        restart_delay: float = RESTART_DELAY_SECONDS,
+        turn: ListeningTurn | None = None,
     ) -> None:
         self.count = count
         self._run_worker = run_worker
         self._restart_delay = restart_delay
+        self._turn = turn
         self._processes: dict[int, _Process] = {}
         self._signals = 0
         self._stopping = False
@@ -137,6 +222,9 @@ class Supervisor:
 
     def _ended(self, pid: int, process: _Process, status: int) -> None:
         os.close(process.control)
+        if self._turn is not None:
+            # The kernel freed the listening turn if this worker held it: a waiting one takes it.
+            self._turn.poke()
         code = os.waitstatus_to_exitcode(status)
         killed_by = -code if code < 0 else None
         # As a shell reports it: a process killed by signal N exited with 128 + N.

@@ -43,6 +43,7 @@ from conveyor.log import configure_logging
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.engine.processes import ListeningTurn
     from conveyor.storage import Store
 
 logger = structlog.get_logger("conveyor.worker")
@@ -94,7 +95,9 @@ class Worker:
         concurrency: int | None = None,
         events: Events | None = None,
         schedules: bool | None = None,
+        listening_turn: ListeningTurn | None = None,
     ) -> None:
+        """``listening_turn``: shared with sibling worker processes, one of which listens for new jobs at a time."""
         self.app = app
         self.settings = app.settings
         self.queues = tuple(queues or self.settings.queues)
@@ -134,6 +137,7 @@ class Worker:
         self._acks_in_flight = 0
         self._ack_rounds = 0
         self._claims_settled = False
+        self._turn = listening_turn
         self.started = asyncio.Event()
 
     # -- control ------------------------------------------------------------------------
@@ -263,6 +267,8 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             cpu_pool.close()
             await http.aclose()
+            if self._turn is not None:
+                self._turn.give_up()
             if self.metrics is not None:
                 self.metrics.capacity.dec(self.concurrency)
                 self.metrics.forget_running(self)
@@ -323,6 +329,8 @@ class Worker:
                 for job in jobs:
                     self._start(job, executor)
                 self.stats.claimed += len(jobs)
+                if jobs and self._turn is not None:
+                    self._hand_on_turn(self._turn, store, more_due=flowing)
                 if jobs:
                     if flowing or claims:
                         continue
@@ -347,6 +355,15 @@ class Worker:
         # Stopped: the claims still out come back and their jobs are handed back at once.
         for claim, _ in claims:
             await self._hold_unstarted(claim)
+
+    def _hand_on_turn(self, turn: ListeningTurn, store: Store, *, more_due: bool) -> None:
+        """Let a sibling process listen once this one has plenty to run, and wake one if more jobs are due."""
+        if turn.held:
+            if more_due or len(self._running) >= max(1, self.concurrency // 2):
+                store.stop_listening()
+                turn.give_up()
+        elif more_due:
+            turn.poke()
 
     def _send_claim(self, store: Store, limit: int) -> tuple[asyncio.Task[list[Job]], int]:
         claim = self._event_loop.create_task(
@@ -451,8 +468,19 @@ class Worker:
         assert self._news is not None
         # News of this worker's own ends the store's wait too (`_wake`): one wait, where waiting
         # on both in tasks of their own cost about 70 µs a wake-up more, on every idle job.
-        if not self._news.is_set():
+        turn = self._turn
+        if self._news.is_set():
+            pass
+        elif turn is None or turn.held:
             await store.wait_for_jobs(self.settings.poll_interval)
+        else:
+            # Wake-ups sent before now announced jobs the claim just made has seen. Dropped before
+            # the turn is tried: one sent after the try comes from a worker giving the turn up.
+            turn.forget_pokes()
+            if turn.take():
+                await store.wait_for_jobs(self.settings.poll_interval)
+            else:
+                await turn.wait_for_poke(self.settings.poll_interval, self._news)
         self._news.clear()
         self._changed.clear()
 

@@ -29,6 +29,8 @@ class Store(Protocol):
 
     def wake_waiters(self) -> None: ...
 
+    def stop_listening(self) -> None: ...
+
     async def fetch_jobs(
         self,
         *,

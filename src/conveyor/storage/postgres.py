@@ -69,7 +69,8 @@ class Listener:
     A dead listener would quietly turn instant wake-ups into slow polling, so it is checked
     every ``check_interval`` seconds and rebuilt with jittered backoff; every (re)connect also
     fires ``on_connect``, so whatever was notified during the gap is looked for at once, and so
-    does each channel taken up on a live connection (``add``).
+    does each channel taken up on a live connection (``add``). A channel given up (``remove``)
+    no longer wakes the connection or its server backend.
     """
 
     def __init__(self, dsn: str, *, on_connect: Callable[[], None], check_interval: float = 5.0) -> None:
@@ -82,7 +83,8 @@ class Listener:
         self.connected = asyncio.Event()
         self.listening: set[str] = set()
         """The channels the current connection listens on (none while it is down)."""
-        self._added = asyncio.Event()
+        self._callbacks: dict[str, Callable[..., None]] = {}
+        self._changed = asyncio.Event()
         self._last_error_log = 0.0
 
     def start(self) -> None:
@@ -96,7 +98,12 @@ class Listener:
         """
         if channel not in self._handlers:
             self._handlers[channel] = handler
-            self._added.set()
+            self._changed.set()
+
+    def remove(self, channel: str) -> None:
+        """Stop listening on ``channel`` as soon as the connection can; ``add`` takes it up again."""
+        if self._handlers.pop(channel, None) is not None:
+            self._changed.set()
 
     async def stop(self) -> None:
         await self._background.stop()
@@ -109,23 +116,24 @@ class Listener:
                 connection = await asyncpg.connect(
                     self._dsn, timeout=10, server_settings={"application_name": LISTENER_APPLICATION_NAME}
                 )
-                await self._listen_to_new_channels(connection)
+                await self._follow_channels(connection)
                 failures = 0
                 self.connected.set()
                 self._on_connect()
                 while True:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self._check_interval):
-                            await self._added.wait()
-                    if self._added.is_set():
-                        await self._listen_to_new_channels(connection)
-                        # What the new channel carried before its LISTEN is looked for at once too.
-                        self._on_connect()
+                            await self._changed.wait()
+                    if self._changed.is_set():
+                        if await self._follow_channels(connection):
+                            # What a new channel carried before its LISTEN is looked for at once too.
+                            self._on_connect()
                         continue
                     await connection.fetchval("SELECT 1", timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self.connected.clear()
                 self.listening = set()
+                self._callbacks.clear()
                 failures += 1
                 self._log_failure(exc)
                 await asyncio.sleep(random.uniform(0, min(10.0, 0.1 * 2**failures)))  # noqa: S311 - jitter
@@ -134,12 +142,20 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(connection.close(), 2)
 
-    async def _listen_to_new_channels(self, connection: asyncpg.Connection) -> None:
-        self._added.clear()
+    async def _follow_channels(self, connection: asyncpg.Connection) -> bool:
+        """LISTEN to the channels added, UNLISTEN the ones removed; return whether any was added."""
+        self._changed.clear()
+        for channel in self.listening - self._handlers.keys():
+            await connection.remove_listener(channel, self._callbacks.pop(channel))
+            self.listening.discard(channel)
+        added = False
         for channel, handler in list(self._handlers.items()):
             if channel not in self.listening:
-                await connection.add_listener(channel, _callback(handler))
+                callback = self._callbacks[channel] = _callback(handler)
+                await connection.add_listener(channel, callback)
                 self.listening.add(channel)
+                added = True
+        return added
 
     def _log_failure(self, exc: BaseException) -> None:
         # A database outage would otherwise log this line several times a second.

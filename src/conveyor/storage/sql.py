@@ -567,6 +567,17 @@ class SqlStore:
         """End every ``wait_for_jobs`` now: the caller knows of news the store cannot hear of."""
         self._work_added.set()
 
+    def stop_listening(self) -> None:
+        """Stop hearing of other processes' enqueues until the next ``wait_for_jobs`` (PostgreSQL).
+
+        For a worker whose sibling processes listen in its stead (see ``ListeningTurn``): each
+        notification wakes every listening process and the server backend serving it.
+        """
+        if self._listener is not None:
+            from conveyor.storage import postgres  # noqa: PLC0415 - PostgreSQL users only
+
+            self._listener.remove(postgres.JOBS_CHANNEL)
+
     # -- the worker's cycle ---------------------------------------------------------------
 
     @_guarded
