@@ -349,6 +349,17 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def _woken_by_an_enqueue(store: Store, other: Store) -> None:
+    waiting = asyncio.create_task(store.wait_for_jobs(30))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await other.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
+    await waiting
+
+    assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
+
+
 async def test_a_waiting_store_listens_for_finished_jobs_only_once_asked_to(
     store: Store, postgres_database: str
 ) -> None:
@@ -379,14 +390,8 @@ async def test_a_store_listening_for_finished_jobs_hears_of_enqueues_once_it_wai
         await store.wait_for_jobs(0)
         await _listening_on(store, pg.JOBS_CHANNEL)
         await store.wait_for_jobs(0)  # the wake-up that comes with a new channel
-        waiting = asyncio.create_task(store.wait_for_jobs(30))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
 
-        await other.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
-        await waiting
-
-        assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
+        await _woken_by_an_enqueue(store, other)
     finally:
         await other.close()
 
@@ -404,13 +409,7 @@ async def test_a_store_that_stops_listening_gives_up_the_channel_until_it_waits_
         await store.wait_for_jobs(0)  # listens again, and wakes at once for what came meanwhile
         await _listening_on(store, pg.JOBS_CHANNEL)
         await asyncio.wait_for(store.wait_for_jobs(30), 10)
-        waiting = asyncio.create_task(store.wait_for_jobs(30))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
 
-        await other.insert_jobs([NewJob(task="task", args=[], kwargs={})], now=T0)
-        await waiting
-
-        assert loop.time() - started < 5, "woken by the enqueue's NOTIFY, not by the timeout"
+        await _woken_by_an_enqueue(store, other)
     finally:
         await other.close()
