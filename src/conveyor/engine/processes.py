@@ -58,7 +58,7 @@ class ListeningTurn:
 
     With every worker listening, each enqueue woke every worker process and the server backend
     serving each, all of them claimed the job, and all but one came back empty: with three
-    processes on two cores, one job's enqueue to completion took 2.0 to 2.8 ms (1.7 to 1.9 with
+    processes on two cores, one job's enqueue to completion took a median of 2.5 ms (1.7 with
     one listening). A worker holds the turn while it waits for work and still has room; it
     hands it on once it has plenty to run (a claim that came back full, or half its concurrency
     busy). The turn is a lock on a file the workers share, which the kernel frees when its holder
