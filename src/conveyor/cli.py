@@ -48,10 +48,10 @@ from conveyor.metrics import CONTENT_TYPE
 from conveyor.schedules import ScheduleStatus
 from conveyor.tokens import NewToken, Scope, create_token
 from conveyor.tracing import configure_tracing
+from conveyor.workflows import Workflow, WorkflowState
 
 if TYPE_CHECKING:
     from conveyor.engine.processes import ListeningTurn
-from conveyor.workflows import Workflow, WorkflowState
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -468,16 +468,13 @@ class Worker:
         assert self._news is not None
         # News of this worker's own ends the store's wait too (`_wake`): one wait, where waiting
         # on both in tasks of their own cost about 70 µs a wake-up more, on every idle job.
-        turn = self._turn
-        if self._news.is_set():
-            pass
-        elif turn is None or turn.held:
-            await store.wait_for_jobs(self.settings.poll_interval)
-        else:
-            # Wake-ups sent before now announced jobs the claim just made has seen. Dropped before
-            # the turn is tried: one sent after the try comes from a worker giving the turn up.
-            turn.forget_pokes()
-            if turn.take():
+        if not self._news.is_set():
+            turn = self._turn
+            if turn is not None and not turn.held:
+                # Wake-ups sent before now announced jobs the claim just made has seen. Dropped
+                # before the turn is tried: one sent after the try is a worker giving the turn up.
+                turn.forget_pokes()
+            if turn is None or turn.take():
                 await store.wait_for_jobs(self.settings.poll_interval)
             else:
                 await turn.wait_for_poke(self.settings.poll_interval, self._news)
