@@ -69,6 +69,12 @@ def _gone(pid: int) -> bool:
     return state in {"Z", "X"}
 
 
+def _ran_in(job: Job) -> int:
+    worker = job.history[-1].worker
+    assert worker is not None
+    return int(worker.split(":")[1])
+
+
 async def _all_gone(pids: list[int]) -> bool:
     return all(_gone(pid) for pid in pids)
 
@@ -90,8 +96,7 @@ async def test_one_command_runs_jobs_in_several_worker_processes(
     runs = collections.Counter(line.split()[0] for line in support.read_effects(effects_path))
     assert set(runs) == {job.id for job in jobs}
     assert set(runs.values()) == {1}, "each job ran once"
-    ran_in = {int(job.history[0].worker.split(":")[1]) for job in finished if job.history[0].worker}
-    assert ran_in == set(pids), "both forked processes took a share, the supervisor none"
+    assert {_ran_in(job) for job in finished} == set(pids), "both forked processes took a share, the supervisor none"
     assert supervisor.pid not in pids
     assert supervisor.stop() == 0
     assert await _all_gone(pids)
@@ -230,12 +235,6 @@ async def pg_app(postgres_database: str) -> AsyncIterator[Conveyor]:
     app = Conveyor(database_url=postgres_database)
     yield app
     await app.close()
-
-
-def _ran_in(job: Job) -> int:
-    worker = job.history[-1].worker
-    assert worker is not None
-    return int(worker.split(":")[1])
 
 
 @pytest.mark.postgres

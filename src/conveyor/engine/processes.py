@@ -79,7 +79,7 @@ class ListeningTurn:
         if not self.held:
             try:
                 fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another worker holds it
                 return False
             self.held = True
         return True
